@@ -1,0 +1,30 @@
+# The two Quickstart commands: `make run` (the default job) and `make test`.
+# Both create ./.venv on first use and install everything into it.
+VENV ?= .venv
+PYTHON ?= python3
+CORES ?= 2
+# The CPU wheel on this kind of machine; on a GPU machine pip picks the CUDA build of the same version.
+TORCH ?= torch==2.13.0
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: run test dry-run clean
+
+run: $(VENV)/.installed
+	$(VENV)/bin/snakemake --cores $(CORES) $(ARGS)
+
+test: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+dry-run: $(VENV)/.installed
+	$(VENV)/bin/snakemake -n $(ARGS)
+
+# torch first and pinned, so that no dependency pulls a multi-GB CUDA build into a CPU machine.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet "$(TORCH)"
+	$(VENV)/bin/pip install --quiet -e ".[dev]"
+	touch $@
+
+clean:
+	rm -rf results .snakemake

@@ -1,0 +1,17 @@
+# LongRoPE2 workflow. Configuration is Hydra's (conf/); pass overrides as
+#   snakemake --cores 2 --config experiment=llama3_8b_128k model.path=/models/llama3-8b
+# Every stage receives exactly the same overrides, so the Snakefile and the jobs see one config.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/pretrain.smk"
+include: "workflow/rules/critical_dim.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        rules.critical_dim.output,

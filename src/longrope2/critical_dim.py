@@ -1,0 +1,125 @@
+"""Stage `critical_dim`: the theoretical critical dimensions of the experiment's model.
+
+In:  the model's config (model.path: the toy's base model, a local folder or a hub id) and
+     L_train / L from the experiment config.
+Out: <out_dir>/critical_dim/critical_dim.json (d_tcd, d10_tcd, the search range of the real
+     critical dim, s, the attention factor, every pair's period) and periods.png (the paper's
+     period plot). Both also go to MLflow.
+
+    python -m longrope2.critical_dim experiment=llama3_8b_128k model.path=/models/llama3-8b
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from longrope2 import rope  # noqa: E402
+from longrope2.config import ConfigError, hydra_stage  # noqa: E402
+from longrope2.outputs import atomic_file, write_json  # noqa: E402
+from longrope2.scaling import RopeFacts, rope_facts_from_hf_config  # noqa: E402
+from longrope2.tracking import stage_run  # noqa: E402
+
+
+def load_model_facts(cfg: DictConfig) -> RopeFacts:
+    """RoPE facts of model.path, checked against what the experiment declares."""
+    from transformers import AutoConfig
+
+    try:
+        hf_config = AutoConfig.from_pretrained(str(cfg.model.path))
+    except (OSError, ValueError) as err:
+        raise ConfigError(
+            f"model.path = {cfg.model.path!r}: cannot read a model config there ({err}); accepted: "
+            "a local model folder with config.json or a reachable hub id"
+        ) from None
+    facts = rope_facts_from_hf_config(hf_config)
+    declared = {
+        "model.rope_theta": (float(cfg.model.rope_theta), facts.rope_theta),
+        "model.head_dim": (int(cfg.model.head_dim), facts.head_dim),
+        "model.partial_rotary_factor": (float(cfg.model.partial_rotary_factor), facts.partial_rotary_factor),
+    }
+    for key, (expected, found) in declared.items():
+        if not math.isclose(expected, found, rel_tol=1e-9):
+            raise ConfigError(
+                f"{key} = {expected} but the model at {cfg.model.path!r} has {found}; "
+                "accepted: the model's own value (fix the experiment config or model.path)"
+            )
+    return facts
+
+
+def critical_dim_summary(facts: RopeFacts, train_len: int, target_len: int) -> dict[str, Any]:
+    """Everything the stage reports, as JSON-ready numbers."""
+    d = facts.rotary_dim
+    base = facts.rope_theta
+    s = rope.extension_ratio(target_len, train_len)
+    d_tcd = rope.critical_dim(d, base, train_len)
+    d10_tcd = rope.d10_critical_dim(d, base, train_len)
+    periods = rope.periods(d, base).tolist()
+    return {
+        "rope_theta": base,
+        "head_dim": facts.head_dim,
+        "partial_rotary_factor": facts.partial_rotary_factor,
+        "rotary_dim": d,
+        "n_pairs": d // 2,
+        "train_len": train_len,
+        "target_len": target_len,
+        "s": s,
+        "attention_factor": rope.attention_temperature(s, train_len),
+        "d_tcd": d_tcd,
+        "d10_tcd": d10_tcd,
+        "search_range": [d10_tcd, d_tcd],
+        "periods": periods,
+        "turns_in_train_len": [train_len / t for t in periods],
+        "turns_in_target_len": [target_len / t for t in periods],
+    }
+
+
+def plot_periods(summary: dict[str, Any], title: str, path: Path) -> None:
+    """Log period per pair with L_train, L and the critical dimensions marked (paper Fig. 2 style)."""
+    periods = summary["periods"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.semilogy(range(len(periods)), periods, "o-", ms=3, color="tab:blue", label="period $T_i$")
+    ax.axhline(summary["train_len"], color="tab:green", ls="--", label=f"$L_{{train}}$ = {summary['train_len']}")
+    ax.axhline(summary["target_len"], color="tab:red", ls="--", label=f"$L$ = {summary['target_len']}")
+    ax.axvline(summary["d_tcd"], color="black", ls=":", label=f"$d_{{tcd}}$ = {summary['d_tcd']}")
+    ax.axvline(summary["d10_tcd"], color="grey", ls=":", label=f"$d^{{10}}_{{tcd}}$ = {summary['d10_tcd']}")
+    ax.axvspan(summary["d10_tcd"], summary["d_tcd"], color="grey", alpha=0.12, label="search range of $d_{rcd}$")
+    ax.set_xlabel("frequency pair i")
+    ax.set_ylabel("period (tokens)")
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    with atomic_file(path) as scratch:
+        fig.savefig(scratch, dpi=120, format="png")
+    plt.close(fig)
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    out = Path(cfg.out_dir) / "critical_dim"
+    with stage_run(cfg, "critical_dim") as tracker:
+        facts = load_model_facts(cfg)
+        summary = critical_dim_summary(facts, int(cfg.model.train_len), int(cfg.target_len))
+        summary["model"] = {"name": str(cfg.model.name), "path": str(cfg.model.path)}
+        plot_periods(summary, f"{cfg.model.name}: RoPE periods", out / "periods.png")
+        write_json(out / "critical_dim.json", summary)
+        tracker.log_metrics({k: summary[k] for k in ("d_tcd", "d10_tcd", "s", "attention_factor")})
+        tracker.log_artifact(out / "critical_dim.json")
+        tracker.log_artifact(out / "periods.png")
+    print(
+        f"d_tcd = {summary['d_tcd']}, d10_tcd = {summary['d10_tcd']}, s = {summary['s']:g}, "
+        f"attention factor = {summary['attention_factor']:.4f} -> {out}"
+    )
+    return summary
+
+
+main = hydra_stage(run)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Config composition and validation: every experiment composes; bad values fail with the key,
+the value and what is accepted."""
+
+import pytest
+
+from longrope2.config import (
+    ConfigError,
+    available,
+    compose_config,
+    flatten,
+    overrides_from_snakemake,
+    to_dict,
+)
+
+EXPERIMENTS = ["toy", "smoke", "llama3_8b_128k", "phi3_mini_128k"]
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes(experiment):
+    cfg = compose_config([f"experiment={experiment}"])
+    assert cfg.experiment_name == experiment
+    assert cfg.target_len > cfg.model.train_len
+    assert cfg.out_dir == f"results/{experiment}"
+
+
+def test_experiment_list_is_the_conf_folder():
+    assert set(EXPERIMENTS) == set(available("experiment"))
+
+
+@pytest.mark.parametrize(
+    ("experiment", "train_len", "target_len", "base", "head_dim"),
+    [
+        ("llama3_8b_128k", 8192, 131072, 500000.0, 128),
+        ("phi3_mini_128k", 2048, 131072, 10000.0, 96),
+    ],
+)
+def test_paper_experiments_carry_the_paper_settings(experiment, train_len, target_len, base, head_dim):
+    cfg = compose_config([f"experiment={experiment}"])
+    assert (cfg.model.train_len, cfg.target_len) == (train_len, target_len)
+    assert (cfg.model.rope_theta, cfg.model.head_dim) == (base, head_dim)
+    assert not cfg.model.pretrain.enabled
+    search = cfg.search
+    assert (search.population, search.iterations, search.parents) == (64, 40, 32)
+    assert (search.mutants, search.crossovers, search.mutation_prob) == (16, 16, 0.3)
+    assert (search.grid, search.monotone) == (0.01, "non_decreasing")
+    assert (cfg.train.lr, cfg.train.global_batch, tuple(cfg.train.betas)) == (2e-5, 64, (0.9, 0.95))
+    assert cfg.train.length_mix[0].max_len == train_len
+    assert sum(bucket.tokens for bucket in cfg.train.length_mix) == cfg.train.tokens
+
+
+def test_interpolations_follow_overrides():
+    cfg = compose_config(["model.train_len=256", "target_len=2048"])
+    assert cfg.train.length_mix[0].max_len == 256
+    assert cfg.train.length_mix[1].max_len == 2048
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["experiment=nope"],
+         "experiment='nope' is not a known experiment; accepted: llama3_8b_128k, phi3_mini_128k, smoke, toy"),
+        (["target_len=128"],
+         "target_len = 128: accepted: a length > model.train_len = 128"),
+        (["experiment=llama3_8b_128k", "target_len=4096"],
+         "target_len = 4096: accepted: a length > model.train_len = 8192"),
+        (["search.population=0"], "search.population = 0: accepted: a value >= 1"),
+        (["model.train_len=-8"], "model.train_len = -8: accepted: a value >= 1"),
+        (["train.lr=0"], "train.lr = 0: accepted: a value > 0"),
+        (["methods=[none,magic]"],
+         'methods.1 = "magic": accepted: none, pi, ntk, yarn, longrope, longrope2, ntk_rcd, '
+         "yarn_rcd, longrope2_plain_ppl, longrope2_no_mixed, longrope2_all_dims"),
+        (["experiment=llama3_8b_128k", "model.path=null"],
+         "model.path = null: experiment 'llama3_8b_128k' needs a model location"),
+        (["experiment=phi3_mini_128k", "model.path=''"],
+         "model.path = \"\": experiment 'phi3_mini_128k' needs a model location"),
+        (["search.monotone=up"], 'search.monotone = "up": accepted: non_decreasing, strictly_increasing'),
+        (["model.partial_rotary_factor=0.3"],
+         "model.partial_rotary_factor = 0.3: accepted: a factor that makes head_dim x factor"),
+        (["search.populaton=3"], "unknown config key 'search.populaton'"),
+        (["model=nope"], "model='nope' is not a known model; accepted: llama3_8b, phi3_mini, toy"),
+    ],
+)
+def test_bad_values_are_rejected_with_key_value_and_accepted(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        compose_config(overrides)
+    assert message in str(err.value)
+
+
+def test_all_errors_are_reported_at_once():
+    with pytest.raises(ConfigError) as err:
+        compose_config(["search.population=0", "search.iterations=-1"])
+    assert "search.population = 0" in str(err.value)
+    assert "search.iterations = -1" in str(err.value)
+
+
+def test_snakemake_config_becomes_hydra_overrides():
+    # `--config` keys can't contain dots: nested keys come as YAML mappings or `overrides`.
+    config = {
+        "experiment": "llama3_8b_128k",
+        "seed": 3,
+        "model": {"path": "/models/llama3"},
+        "overrides": ["search.population=32", "eval.ruler_lengths=[4096,8192]"],
+    }
+    overrides = overrides_from_snakemake(config)
+    assert overrides == [
+        "experiment=llama3_8b_128k",
+        "seed=3",
+        "model.path=/models/llama3",
+        "search.population=32",
+        "eval.ruler_lengths=[4096,8192]",
+    ]
+    cfg = compose_config(overrides)
+    assert (cfg.model.path, cfg.search.population, cfg.seed) == ("/models/llama3", 32, 3)
+    assert list(cfg.eval.ruler_lengths) == [4096, 8192]
+    assert overrides_from_snakemake({"overrides": "seed=1", "flag": True}) == ["flag=true", "seed=1"]
+
+
+def test_flatten_and_to_dict_drop_hydra():
+    data = to_dict(compose_config())
+    assert "hydra" not in data
+    flat = flatten(data)
+    assert flat["model.arch.hidden_size"] == 128
+    assert flat["search.population"] == 16

@@ -1,0 +1,62 @@
+# Compose and validate the config once, before any job; shared helpers for the rules.
+import json
+import shlex
+import sys
+
+from snakemake.exceptions import WorkflowError
+
+from longrope2.config import ConfigError, compose_config, overrides_from_snakemake, to_dict
+from longrope2 import tracking
+
+OVERRIDES = overrides_from_snakemake(config)
+try:
+    CFG = compose_config(OVERRIDES)
+except ConfigError as err:
+    raise WorkflowError(f"configuration error (nothing was run):\n{err}") from None
+
+OUT = CFG.out_dir
+# Braces doubled: Snakemake formats shell commands.
+HYDRA_ARGS = " ".join(shlex.quote(o) for o in OVERRIDES).replace("{", "{{").replace("}", "}}")
+PRETRAIN = bool(CFG.model.pretrain.enabled)
+
+
+def stage_cmd(stage):
+    """Shell command of a stage; output goes to the terminal and to the rule's log."""
+    # The interpreter that runs Snakemake runs the stages: same environment, no PATH surprises.
+    python = shlex.quote(sys.executable)
+    return f"{python} -m longrope2.{stage} {HYDRA_ARGS} 2>&1 | tee {{log}}"
+
+
+def stage_params(*keys):
+    """The resolved config sections a rule depends on: editing them reruns the rule."""
+    data = to_dict(CFG)
+    return json.dumps({key: data[key] for key in keys}, sort_keys=True)
+
+
+def rule_resources(rule_name):
+    """Resources of a rule from `resources.<rule>` and `cluster.*` (slurm profile keys)."""
+    spec = CFG.resources[rule_name]
+    res = {"mem_mb": spec.mem_mb, "runtime": spec.runtime, "cpus_per_task": spec.cpus}
+    if spec.gpu:
+        res["gpu"] = spec.gpu
+    if CFG.cluster.partition:
+        res["slurm_partition"] = CFG.cluster.partition
+    if CFG.cluster.account:
+        res["slurm_account"] = CFG.cluster.account
+    return res
+
+
+onstart:
+    # Main process only, before jobs fan out: create the tracking store and the parent run.
+    try:
+        tracking.start_pipeline_run(CFG, OVERRIDES)
+    except tracking.TrackingError as err:
+        sys.exit(f"error: {err}")
+
+
+onsuccess:
+    tracking.end_pipeline_run(CFG, "FINISHED")
+
+
+onerror:
+    tracking.end_pipeline_run(CFG, "FAILED")
