@@ -29,7 +29,7 @@ def test_llama3_facts_from_a_model_config(tmp_path):
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((out / "critical_dim/critical_dim.json").read_text())
     assert (summary["d_tcd"], summary["d10_tcd"], summary["search_range"]) == (35, 24, [24, 35])
-    assert summary["s"] == 16
+    assert summary["extension_ratio"] == 16
     assert abs(summary["attention_factor"] - 1.1435) < 1e-4
     # spec §1: T_34 = 6695 < 8192 < T_35 = 8219
     assert round(summary["periods"][34]) == 6695 and round(summary["periods"][35]) == 8219

@@ -54,33 +54,6 @@ def load_model_facts(cfg: DictConfig) -> RopeFacts:
     return facts
 
 
-def critical_dim_summary(facts: RopeFacts, train_len: int, target_len: int) -> dict[str, Any]:
-    """Everything the stage reports, as JSON-ready numbers."""
-    d = facts.rotary_dim
-    base = facts.rope_theta
-    s = rope.extension_ratio(target_len, train_len)
-    d_tcd = rope.critical_dim(d, base, train_len)
-    d10_tcd = rope.d10_critical_dim(d, base, train_len)
-    periods = rope.periods(d, base).tolist()
-    return {
-        "rope_theta": base,
-        "head_dim": facts.head_dim,
-        "partial_rotary_factor": facts.partial_rotary_factor,
-        "rotary_dim": d,
-        "n_pairs": d // 2,
-        "train_len": train_len,
-        "target_len": target_len,
-        "s": s,
-        "attention_factor": rope.attention_temperature(s, train_len),
-        "d_tcd": d_tcd,
-        "d10_tcd": d10_tcd,
-        "search_range": [d10_tcd, d_tcd],
-        "periods": periods,
-        "turns_in_train_len": [train_len / t for t in periods],
-        "turns_in_target_len": [target_len / t for t in periods],
-    }
-
-
 def plot_periods(summary: dict[str, Any], title: str, path: Path) -> None:
     """Log period per pair with L_train, L and the critical dimensions marked (paper Fig. 2 style)."""
     periods = summary["periods"]
@@ -105,15 +78,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cfg.out_dir) / "critical_dim"
     with stage_run(cfg, "critical_dim") as tracker:
         facts = load_model_facts(cfg)
-        summary = critical_dim_summary(facts, int(cfg.model.train_len), int(cfg.target_len))
+        summary = rope.critical_dim_report(facts.head_dim, facts.rope_theta, int(cfg.model.train_len),
+                                           int(cfg.target_len), facts.partial_rotary_factor)
         summary["model"] = {"name": str(cfg.model.name), "path": str(cfg.model.path)}
         plot_periods(summary, f"{cfg.model.name}: RoPE periods", out / "periods.png")
         write_json(out / "critical_dim.json", summary)
-        tracker.log_metrics({k: summary[k] for k in ("d_tcd", "d10_tcd", "s", "attention_factor")})
+        tracker.log_metrics({k: summary[k] for k in ("d_tcd", "d10_tcd", "extension_ratio", "attention_factor")})
         tracker.log_artifact(out / "critical_dim.json")
         tracker.log_artifact(out / "periods.png")
     print(
-        f"d_tcd = {summary['d_tcd']}, d10_tcd = {summary['d10_tcd']}, s = {summary['s']:g}, "
+        f"d_tcd = {summary['d_tcd']}, d10_tcd = {summary['d10_tcd']}, s = {summary['extension_ratio']:g}, "
         f"attention factor = {summary['attention_factor']:.4f} -> {out}"
     )
     return summary

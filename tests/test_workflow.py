@@ -1,0 +1,121 @@
+"""The Snakemake DAG: dry-runs of every experiment (locally and with the slurm profile, typed
+as users type it), early config errors, and one end-to-end run of the smoke experiment."""
+
+import json
+import time
+
+import pytest
+
+from conftest import REPO, run_snakemake
+
+EXPERIMENT_RULES = {
+    "toy": {"pretrain", "critical_dim", "all"},
+    "smoke": {"pretrain", "critical_dim", "all"},
+    "llama3_8b_128k": {"critical_dim", "all"},
+    "phi3_mini_128k": {"critical_dim", "all"},
+}
+
+
+def planned_rules(stdout: str) -> set[str]:
+    """Rule names of the 'Job stats' table of a dry-run."""
+    table = stdout.split("Job stats:")[1].split("total")[0]
+    return {line.split()[0] for line in table.splitlines()[3:] if line.strip()}
+
+
+@pytest.mark.parametrize("experiment", sorted(EXPERIMENT_RULES))
+def test_dry_run_locally(experiment, tmp_path):
+    proc = run_snakemake("-n", "--config", f"experiment={experiment}", f"out_dir={tmp_path}/results")
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert planned_rules(proc.stdout) == EXPERIMENT_RULES[experiment]
+
+
+@pytest.mark.parametrize("experiment", ["llama3_8b_128k", "phi3_mini_128k", "toy"])
+def test_dry_run_with_the_slurm_profile_from_the_repo_root(experiment, tmp_path):
+    # Literally `snakemake --profile slurm` in the repository root (./slurm is the profile).
+    proc = run_snakemake(
+        "-n", "-p", "--profile", "slurm", "--config", f"experiment={experiment}",
+        f"out_dir={tmp_path}/results",
+        "overrides=[cluster.partition=gpu-long, cluster.account=proj42]",
+    )
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert "Using profile slurm" in proc.stdout + proc.stderr
+    assert planned_rules(proc.stdout) == EXPERIMENT_RULES[experiment]
+    assert "slurm_partition=gpu-long" in proc.stdout and "slurm_account=proj42" in proc.stdout
+    # every job gets the same overrides
+    assert f"-m longrope2.critical_dim experiment={experiment}" in proc.stdout
+
+
+def test_bad_config_fails_before_any_job(tmp_path):
+    proc = run_snakemake("--cores", "1", "--config", "search={population: 0}", "target_len=64",
+                         f"out_dir={tmp_path}/results", cwd=tmp_path)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "configuration error (nothing was run)" in out
+    assert "search.population = 0: accepted: a value >= 1" in out
+    assert not (tmp_path / "results").exists()
+
+
+def test_unknown_experiment_names_the_choices(tmp_path):
+    proc = run_snakemake("-n", "--config", "experiment=llama4", cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "experiment='llama4' is not a known experiment; accepted: llama3_8b_128k, phi3_mini_128k, smoke, toy" in proc.stderr + proc.stdout
+
+
+def test_unreachable_tracking_store_stops_before_compute(tmp_path):
+    start = time.monotonic()
+    proc = run_snakemake("--cores", "1", "--config", "experiment=smoke", cwd=tmp_path,
+                         env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"})
+    assert proc.returncode != 0
+    assert "MLflow tracking store 'http://127.0.0.1:9' is unreachable" in proc.stdout + proc.stderr
+    assert "tracking.enabled=false" in proc.stdout + proc.stderr
+    assert not (tmp_path / "results" / "smoke" / "base_model").exists()
+    assert time.monotonic() - start < 120
+
+
+def test_smoke_end_to_end_with_tracking(tmp_path):
+    """The existing stages on the smoke experiment, tracked in MLflow, in a scratch folder."""
+    from mlflow.tracking import MlflowClient
+
+    start = time.monotonic()
+    proc = run_snakemake("--cores", "2", "--config", "experiment=smoke", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    elapsed = time.monotonic() - start
+    out = tmp_path / "results" / "smoke"
+    model_dir = out / "base_model"
+    assert (model_dir / "config.json").exists() and (model_dir / "tokenizer.json").exists()
+    gate = json.loads((out / "pretrain" / "gate.json").read_text())
+    assert {"em_1x", "em_8x"} <= set(gate["metrics"])
+    summary = json.loads((out / "critical_dim" / "critical_dim.json").read_text())
+    assert (summary["d_tcd"], summary["d10_tcd"], summary["extension_ratio"]) == (6, 2, 8)
+    assert (out / "logs" / "pretrain.log").stat().st_size > 0
+    assert not (tmp_path / "outputs").exists()
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/results/mlflow.db")
+    experiment = client.get_experiment_by_name("longrope2")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = {r.data.tags["stage"]: r for r in runs if "mlflow.parentRunId" in r.data.tags}
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert set(children) == {"pretrain", "critical_dim"}
+    for child in children.values():
+        assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert child.info.status == "FINISHED"
+        assert child.data.params["experiment_name"] == "smoke"
+    assert "em_1x" in children["pretrain"].data.metrics
+    pretrain_artifacts = {a.path for a in client.list_artifacts(children["pretrain"].info.run_id)}
+    assert {"base_model", "gate.json"} <= pretrain_artifacts
+    assert elapsed < 120, f"smoke run took {elapsed:.0f} s"
+
+    # A second invocation has nothing to do.
+    again = run_snakemake("-n", "--config", "experiment=smoke", cwd=tmp_path)
+    assert "Nothing to be done" in again.stdout + again.stderr
+
+
+def test_tracking_can_be_switched_off(tmp_path, tiny_hf_model_dir):
+    proc = run_snakemake("--cores", "1", "--config", "experiment=llama3_8b_128k",
+                         "overrides=[tracking.enabled=false, model.train_len=128, target_len=1024, "
+                         f"model.path={tiny_hf_model_dir}, model.rope_theta=10000, model.head_dim=32]",
+                         cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "results/llama3_8b_128k/critical_dim/critical_dim.json").exists()
+    assert not (tmp_path / "results" / "mlflow.db").exists()
