@@ -12,6 +12,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
+def load_reference() -> dict:
+    """Released factor arrays (copied from the team's spec/reference_factors.yaml)."""
+    import yaml
+
+    return yaml.safe_load((Path(__file__).parent / "data" / "reference_factors.yaml").read_text())
+
+
 def run_snakemake(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: int = 600):
     """`python -m snakemake ARGS` with the Snakefile of this repository."""
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), *args]

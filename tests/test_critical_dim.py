@@ -4,9 +4,8 @@ import json
 import subprocess
 import sys
 
-from transformers import LlamaConfig
-
 from conftest import REPO
+from transformers import LlamaConfig
 
 
 def run_stage(*overrides):

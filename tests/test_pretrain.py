@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 
 GOLDEN_DIR = Path(__file__).parent / "golden"

@@ -1,11 +1,10 @@
 """Pure RoPE maths: critical dims, periods, temperatures, rescaling rules (spec §1, §2)."""
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from conftest import load_reference
 
 from longrope2 import rope
 
@@ -15,15 +14,6 @@ MODELS = [
     ("phi3-mini", 96, 10_000, 2048, 131072, 31, 19, 1.2432),
     ("phi4-mini", 96, 10_000, 4096, 131072, 34, 22, 1.1902),
 ]
-
-
-def load_reference() -> dict:
-    """Released factor arrays: the tests' own copy first, else the team's spec beside the repo."""
-    here = Path(__file__).resolve()
-    for path in (here.parent / "data/reference_factors.yaml", here.parents[2] / "shared/spec/reference_factors.yaml"):
-        if path.exists():
-            return yaml.safe_load(path.read_text())
-    pytest.skip("reference_factors.yaml not found")
 
 
 @pytest.mark.parametrize("name,d,base,train,target,tcd,tcd10,temp", MODELS)

@@ -2,26 +2,16 @@
 
 import dataclasses
 import math
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from conftest import load_reference
 from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
 
 from longrope2 import rope
 from longrope2.scaling import METHODS, RopeConfigError, RopeFacts, RopeScaling, rope_facts_from_hf_config
-
-
-def load_reference() -> dict:
-    """Released factor arrays: the tests' own copy first, else the team's spec beside the repo."""
-    here = Path(__file__).resolve()
-    for path in (here.parent / "data/reference_factors.yaml", here.parents[2] / "shared/spec/reference_factors.yaml"):
-        if path.exists():
-            return yaml.safe_load(path.read_text())
-    pytest.skip("reference_factors.yaml not found")
 
 
 @pytest.fixture(autouse=True, scope="module")

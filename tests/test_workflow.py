@@ -5,8 +5,7 @@ import json
 import time
 
 import pytest
-
-from conftest import REPO, run_snakemake
+from conftest import run_snakemake
 
 EXPERIMENT_RULES = {
     "toy": {"pretrain", "critical_dim", "all"},
