@@ -50,6 +50,21 @@ def test_gate_report_matches_the_recorded_golden_figures(smoke_run):
         assert metrics[key] == pytest.approx(value, rel=1e-3, abs=1e-3), key
 
 
+def test_checkpoints_are_keyed_by_settings_and_corpus():
+    from longrope2.config import compose_config
+    from longrope2.pretrain import checkpoint_dir, pretrain_settings
+
+    def key(*overrides):
+        cfg = compose_config(list(overrides))
+        return checkpoint_dir(cfg, pretrain_settings(cfg))
+
+    assert key() == key()
+    assert key() != key("model.arch.vocab_size=640")  # never resume with a stale tokenizer
+    assert key() != key("data.corpus.heldout_fraction=0.2")
+    assert key() != key("model.pretrain.lr=1e-3")
+    assert key().parent == Path("results/toy/pretrain/checkpoints")
+
+
 def test_missing_corpus_folder_fails_before_training(tmp_path):
     proc = run_stage(f"out_dir={tmp_path}", "data.corpus.source=folder", f"data.corpus.path={tmp_path}/none")
     assert proc.returncode == 2

@@ -14,6 +14,8 @@ Out: model.path (a Hugging Face model folder with its tokenizer) and
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from longrope2 import corpus, toy
-from longrope2.config import ConfigError, hydra_stage
+from longrope2.config import ConfigError, hydra_stage, to_dict
 from longrope2.outputs import atomic_dir, write_json
 from longrope2.tracking import stage_run
 
@@ -62,6 +64,17 @@ SHAPE_KEYS = (
 )
 
 
+def checkpoint_dir(cfg: DictConfig, settings: toy.ToyPretrainSettings) -> Path:
+    """Resumable state, keyed by everything that shapes it: a changed setting or corpus starts
+    afresh instead of resuming (or reusing a tokenizer) from a run with other settings."""
+    key = json.dumps(
+        {"settings": dataclasses.asdict(settings), "corpus": to_dict(cfg)["data"]["corpus"], "seed": int(cfg.seed)},
+        sort_keys=True,
+    )
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return Path(cfg.out_dir) / "pretrain" / "checkpoints" / digest
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.model.arch is None or float(cfg.model.partial_rotary_factor) != 1.0:
         raise ConfigError("model.arch: the pretrain stage builds a toy Llama and needs model.arch "
@@ -86,7 +99,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     with stage_run(cfg, "pretrain") as tracker:
         start = time.monotonic()
         model, tokenizer, gate, seed_used, attempts = toy.pretrain_with_gate(
-            settings, train_docs, heldout_docs, seeds, out / "checkpoints", log_fn=tracker.log_metrics
+            settings, train_docs, heldout_docs, seeds, checkpoint_dir(cfg, settings), log_fn=tracker.log_metrics
         )
         wall_s = time.monotonic() - start
         with atomic_dir(model_dir) as scratch:
