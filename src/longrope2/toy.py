@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -34,6 +33,7 @@ from longrope2.needle import (
     build_needle_sample,
     needle_scores,
 )
+from longrope2.outputs import atomic_file
 
 LogFn = Callable[[dict[str, float], int], None]
 
@@ -372,12 +372,6 @@ def _torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a kill mid-save never leaves a torn checkpoint
-
-
 def load_or_train_tokenizer(
     settings: ToyPretrainSettings, train_docs: Sequence[str], work_dir: Path
 ) -> PreTrainedTokenizerFast:
@@ -453,11 +447,12 @@ def _pretrain_base_model(
         step, history, done = ckpt["step"], ckpt["history"], ckpt["done"]
 
     def save() -> None:
-        _save_atomic(
-            {"settings": fingerprint, "seed": seed, "step": step, "history": history, "done": done,
-             "model": model.state_dict(), "optimizer": opt.state_dict()},
-            ckpt_path,
-        )
+        with atomic_file(ckpt_path) as scratch:  # a kill mid-save never leaves a torn checkpoint
+            torch.save(
+                {"settings": fingerprint, "seed": seed, "step": step, "history": history, "done": done,
+                 "model": model.state_dict(), "optimizer": opt.state_dict()},
+                scratch,
+            )
 
     loss_fn = torch.compile(_weighted_lm_loss) if s.compile else _weighted_lm_loss
     bar = tqdm(total=s.max_steps, initial=step, desc=f"toy seed {seed}", disable=not s.progress,
