@@ -9,9 +9,12 @@ min_version("9.0")
 include: "workflow/rules/common.smk"
 include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/critical_dim.smk"
+include: "workflow/rules/needle_data.smk"
+include: "workflow/rules/search.smk"
 
 
 rule all:
     default_target: True
     input:
         rules.critical_dim.output,
+        rules.search.output,

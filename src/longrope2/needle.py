@@ -312,3 +312,41 @@ def needle_scores(
         "needle_ppl": math.exp(sum(nll) / len(nll)),
         "n": len(samples),
     }
+
+
+def template_for(name: str, num_digits: int, *, distinct_digits: bool = False, add_bos: bool = True) -> NeedleTemplate:
+    """The template a config names: ``ruler`` (spec §3 verbatim) or ``toy`` (shortened for small windows)."""
+    if name not in TEMPLATES:
+        raise ValueError(f"unknown needle template {name!r}; accepted: {', '.join(TEMPLATES)}")
+    template = NeedleTemplate(num_digits=num_digits, distinct_digits=distinct_digits, add_bos=add_bos)
+    return template.shortened() if name == "toy" else template
+
+
+TEMPLATES = ("ruler", "toy")
+
+
+# --------------------------------------------------------------------------- saved sets
+
+
+def stack_samples(samples: Sequence[NeedleSample]) -> dict[str, torch.Tensor]:
+    """Tensors of a needle set: input_ids (n, L) int32, answer_mask (n, L) bool, needle_position (n,)."""
+    if not samples or len({s.length for s in samples}) != 1:
+        raise ValueError("a needle set needs at least one sample, all of one length")
+    return {
+        "input_ids": torch.stack([s.input_ids for s in samples]).to(torch.int32),
+        "answer_mask": torch.stack([s.answer_mask for s in samples]),
+        "needle_position": torch.tensor([s.needle_position for s in samples], dtype=torch.int64),
+    }
+
+
+def unstack_samples(tensors: dict[str, torch.Tensor], meta: Sequence[dict[str, Any]]) -> list[NeedleSample]:
+    """Inverse of :func:`stack_samples` with the per-sample metadata (key, number, depths)."""
+    ids, mask = tensors["input_ids"].long(), tensors["answer_mask"].bool()
+    if len(meta) != ids.shape[0]:
+        raise ValueError(f"needle set holds {ids.shape[0]} samples but {len(meta)} metadata rows")
+    return [
+        NeedleSample(input_ids=ids[i], answer_mask=mask[i], key=m["key"], number=m["number"],
+                     depth=float(m["depth"]), actual_depth=float(m["actual_depth"]),
+                     needle_position=int(tensors["needle_position"][i]), haystack_tokens=int(m["haystack_tokens"]))
+        for i, m in enumerate(meta)
+    ]

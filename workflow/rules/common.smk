@@ -20,11 +20,17 @@ HYDRA_ARGS = " ".join(shlex.quote(o) for o in OVERRIDES).replace("{", "{{").repl
 PRETRAIN = bool(CFG.model.pretrain.enabled)
 
 
-def stage_cmd(stage):
-    """Shell command of a stage; output goes to the terminal and to the rule's log."""
+def stage_cmd(stage, processes=1):
+    """Shell command of a stage; output goes to the terminal and to the rule's log.
+
+    processes > 1: torchrun starts that many processes on this node (one per GPU on a cluster).
+    """
     # The interpreter that runs Snakemake runs the stages: same environment, no PATH surprises.
     python = shlex.quote(sys.executable)
-    return f"{python} -m longrope2.{stage} {HYDRA_ARGS} 2>&1 | tee {{log}}"
+    launcher = f"{python} -m"
+    if processes > 1:
+        launcher = f"{python} -m torch.distributed.run --standalone --nproc_per_node {int(processes)} -m"
+    return f"{launcher} longrope2.{stage} {HYDRA_ARGS} 2>&1 | tee {{log}}"
 
 
 def stage_params(*keys):

@@ -1,0 +1,380 @@
+"""Genetic-algorithm operators of LongRoPE2's factor search (spec §4). Pure: no I/O, no model.
+
+An individual is a critical dim c plus a full long_factor λ (D floats). Searched values sit on a
+grid (0.01) and are handled internally as integer grid units, stored as round(k * grid, 10), so
+equal vectors compare equal and hash exactly.
+- Tied mode (paper): dims i >= c are searched in [s, 2s]; dims i < c are the NTK tie λ_c^(i/c),
+  re-derived after every change (rope.longrope2_factors).
+- all_dims mode (Table-10 ablation): every dim searched, [1, 2s] below d_tcd, [s, 2s] from it;
+  c is only a label (the seed's c).
+Lower fitness (needle perplexity) is better. All randomness comes from the caller's
+numpy Generator, so a saved bit_generator state replays a search exactly.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+import numpy as np
+
+from longrope2.rope import longrope2_factors, ntk_tied_factors
+
+_EPS = 1e-9  # slack when turning float bounds into grid units (8.0 / 0.01 is 799.999...)
+
+
+def _units_at_least(x: float, grid: float) -> int:
+    return math.ceil(x / grid - _EPS)
+
+
+def _units_at_most(x: float, grid: float) -> int:
+    return math.floor(x / grid + _EPS)
+
+
+def _value(k: int, grid: float) -> float:
+    return round(k * grid, 10)  # canonical float of k grid units
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    n_pairs: int  # D
+    s: float  # extension ratio
+    d_tcd: int  # theoretical critical dim: λ_i >= s for i >= d_tcd
+    c_range: tuple[int, int]  # inclusive critical dims searched; (c, c) = fixed c (reference code)
+    grid: float = 0.01
+    strict: bool = False  # False: non-decreasing (paper); True: strictly increasing (reference code)
+    all_dims: bool = False  # Table-10 ablation: every dim searched, no NTK tie
+    last_step_max: float | None = None  # reference code: λ[D-1] <= λ[D-2] + 4
+    attention_range: tuple[float, float] | None = None  # searched attention factor; None = not searched
+
+    def __post_init__(self) -> None:
+        # accept lists (Hydra/JSON) but keep the dataclass hashable
+        object.__setattr__(self, "c_range", tuple(self.c_range))
+        if self.attention_range is not None:
+            object.__setattr__(self, "attention_range", tuple(float(a) for a in self.attention_range))
+
+        def bad(field: str, accepted: str, got: Any) -> NoReturn:
+            raise ValueError(f"SearchSpace.{field} must be {accepted}, got {got!r}")
+
+        D = self.n_pairs
+        if not isinstance(D, int) or D < 2:
+            bad("n_pairs", "an int >= 2", D)
+        if not (math.isfinite(self.s) and self.s > 1):
+            bad("s", "a finite float > 1", self.s)
+        if not (math.isfinite(self.grid) and self.grid > 0):
+            bad("grid", "a finite float > 0", self.grid)
+        if _units_at_least(self.s, self.grid) > _units_at_most(2 * self.s, self.grid):
+            bad("grid", f"fine enough to hold a value in [s, 2s] = [{self.s}, {2 * self.s}]", self.grid)
+        if len(self.c_range) != 2 or not all(isinstance(c, int) for c in self.c_range):
+            bad("c_range", "a pair of ints (c_lo, c_hi)", self.c_range)
+        c_lo, c_hi = self.c_range
+        if not 0 < c_lo <= c_hi < D:
+            bad("c_range", f"(c_lo, c_hi) with 0 < c_lo <= c_hi < n_pairs={D}", self.c_range)
+        if not isinstance(self.d_tcd, int) or not c_hi <= self.d_tcd <= D:
+            bad("d_tcd", f"an int in [c_range[1], n_pairs] = [{c_hi}, {D}] (OOD bound)", self.d_tcd)
+        if self.last_step_max is not None:
+            if not self.last_step_max >= (self.grid if self.strict else 0):
+                bad("last_step_max", f">= {self.grid if self.strict else 0} (or None)", self.last_step_max)
+            if c_hi > D - 2:
+                bad("c_range", f"c_hi <= n_pairs-2 = {D - 2} when last_step_max is set (two searched dims)",
+                    self.c_range)
+        if self.strict:  # the longest strictly increasing searched run must fit its bounds
+            top = -math.inf
+            for i in self._searched(c_lo):
+                lo, hi = self._bounds(i)
+                top = max(lo, top + 1)
+                if top > hi:
+                    bad("strict", f"False for this space: {D - self._searched(c_lo).start} strictly increasing "
+                        f"values on the {self.grid} grid do not fit in [s, 2s]", self.strict)
+        if self.attention_range is not None:
+            a_lo, a_hi = self.attention_range
+            if not 0 < a_lo <= a_hi < math.inf or _units_at_least(a_lo, self.grid) > _units_at_most(a_hi, self.grid):
+                bad("attention_range", "(lo, hi) with 0 < lo <= hi holding a grid value (or None)", self.attention_range)
+
+    def _searched(self, c: int) -> range:
+        return range(0 if self.all_dims else c, self.n_pairs)
+
+    def _bounds(self, i: int) -> tuple[int, int]:
+        """Grid-unit bounds of searched dim i: [s, 2s], or [1, 2s] below d_tcd in all_dims mode."""
+        floor = 1.0 if self.all_dims and i < self.d_tcd else self.s
+        return _units_at_least(floor, self.grid), _units_at_most(2 * self.s, self.grid)
+
+    def _attention_units(self) -> tuple[int, int]:
+        a_lo, a_hi = self.attention_range  # type: ignore[misc]
+        return _units_at_least(a_lo, self.grid), _units_at_most(a_hi, self.grid)
+
+    def _last_step_units(self) -> int | None:
+        return None if self.last_step_max is None else _units_at_most(self.last_step_max, self.grid)
+
+
+@dataclass(frozen=True)
+class Individual:
+    c: int  # critical dim (a label only in all_dims mode)
+    factors: tuple[float, ...]  # full λ, length D
+    attention_factor: float | None = None  # only when the space searches it
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "factors", tuple(float(f) for f in self.factors))
+        # Identity for duplicate rejection, cached (checked on every candidate; not a field, so eq/repr skip it).
+        # Grid values are canonical floats, so rounding to 1e-9 is exact for them and absorbs last-ulp noise
+        # of the derived NTK head.
+        att = None if self.attention_factor is None else round(self.attention_factor, 9)
+        object.__setattr__(self, "_key", (self.c, tuple(round(f, 9) for f in self.factors), att))
+
+    def key(self) -> tuple:
+        return self._key  # type: ignore[attr-defined]
+
+
+def _units(ind: Individual, space: SearchSpace) -> list[int]:
+    return [round(ind.factors[i] / space.grid) for i in space._searched(ind.c)]
+
+
+def _build(space: SearchSpace, c: int, units: Sequence[int], att: int | None) -> Individual:
+    vals = [_value(k, space.grid) for k in units]
+    factors = vals if space.all_dims else longrope2_factors(vals, c, space.n_pairs).tolist()
+    return Individual(c, tuple(factors), None if att is None else _value(att, space.grid))
+
+
+def make_individual(space: SearchSpace, c: int, tail: Sequence[float] | None = None, *,
+                    factors: Sequence[float] | None = None, attention_factor: float | None = None) -> Individual:
+    """tail = λ[c:] (tied mode): the NTK head is derived. factors = full λ (any mode): taken as is. Not validated."""
+    if (tail is None) == (factors is None):
+        raise ValueError("make_individual: give exactly one of tail= (λ[c:], tied mode) or factors= (full λ)")
+    if tail is not None:
+        if space.all_dims:
+            raise ValueError("make_individual: all_dims mode has no NTK head, pass the full vector as factors=")
+        factors = longrope2_factors([float(x) for x in tail], c, space.n_pairs).tolist()
+    elif len(factors) != space.n_pairs:  # type: ignore[arg-type]
+        raise ValueError(f"make_individual: factors has {len(factors)} values, n_pairs is {space.n_pairs}")
+    att = None if attention_factor is None else float(attention_factor)
+    return Individual(int(c), tuple(factors), att)  # type: ignore[arg-type]
+
+
+def violations(ind: Individual, space: SearchSpace) -> list[str]:
+    """Human-readable reasons why ind is not a valid member of space (empty = valid)."""
+    D, g, lam = space.n_pairs, space.grid, ind.factors
+    if len(lam) != D:
+        return [f"length {len(lam)} != n_pairs {D}"]
+    if not all(math.isfinite(x) for x in lam):
+        return ["non-finite factor"]
+    if not space.c_range[0] <= ind.c <= space.c_range[1]:
+        return [f"c={ind.c} outside c_range {space.c_range}"]  # searched dims are undefined then
+    out = []
+    dims = space._searched(ind.c)
+    for i in dims:
+        k, (lo, hi) = round(lam[i] / g), space._bounds(i)
+        if abs(lam[i] / g - k) > 1e-6:
+            out.append(f"λ_{i}={lam[i]} is off the {g} grid")
+        if not lo <= k <= hi:
+            out.append(f"λ_{i}={lam[i]} outside bounds [{_value(lo, g)}, {_value(hi, g)}]")
+    if not space.all_dims:
+        head = ntk_tied_factors(lam[ind.c], ind.c, D).tolist()
+        out += [f"λ_{i}={lam[i]} breaks the NTK tie λ_c^(i/c)={head[i]}"
+                for i in range(ind.c) if abs(lam[i] - head[i]) > 1e-9 * abs(head[i])]
+    for i in range(D - 1):
+        if lam[i + 1] < lam[i]:
+            out.append(f"not monotone: λ_{i + 1}={lam[i + 1]} < λ_{i}={lam[i]}")
+        elif space.strict and i >= dims.start and lam[i + 1] == lam[i]:
+            out.append(f"not strictly increasing: λ_{i + 1} = λ_{i} = {lam[i]}")
+    if space.last_step_max is not None and lam[-1] > lam[-2] + space.last_step_max + _EPS:
+        out.append(f"last step λ_{D - 1} - λ_{D - 2} = {lam[-1] - lam[-2]:.6g} > last_step_max {space.last_step_max}")
+    a = ind.attention_factor
+    if space.attention_range is None:
+        if a is not None:
+            out.append(f"attention_factor={a} set but the space does not search it")
+    elif a is None or not math.isfinite(a):
+        out.append(f"attention_factor={a} missing (searched in {space.attention_range})")
+    else:
+        (lo, hi), k = space._attention_units(), round(a / g)
+        if abs(a / g - k) > 1e-6 or not lo <= k <= hi:
+            out.append(f"attention_factor={a} off the {g} grid or outside {space.attention_range}")
+    return out
+
+
+def is_valid(ind: Individual, space: SearchSpace) -> bool:
+    lam = ind.factors
+    if any(y < x for x, y in itertools.pairwise(lam)):  # fast path: most crossover children fail here
+        return False
+    return not violations(ind, space)
+
+
+def _seed(space: SearchSpace, c: int, rng: np.random.Generator) -> Individual:
+    """Paper Alg. 1 candidate for c: flat tail s' ~ U(grid ∩ [s, 2s]) (strict: the reference code's
+    s' + 0.1·j staircase, grid steps if 0.1 does not fit), NTK head below c."""
+    D, g = space.n_pairs, space.grid
+    lo, hi = space._bounds(D - 1)
+    n, step = D - c, 0
+    if space.strict:
+        step, lsm = max(1, round(0.1 / g)), space._last_step_units()
+        if lo + step * (n - 1) > hi or (lsm is not None and step > lsm):
+            step = 1
+    k0 = int(rng.integers(lo, hi - step * (n - 1) + 1))  # so the last stair stays <= 2s
+    units = [k0 + step * j for j in range(n)]
+    if space.all_dims:  # the head is searched too: snap the NTK curve to the grid, keep it monotone
+        head = [round(x / g) for x in ntk_tied_factors(_value(k0, g), c, D)[:c].tolist()]
+        for i in range(c):
+            head[i] = max(head[i], space._bounds(i)[0])
+            if i:
+                head[i] = max(head[i], head[i - 1] + int(space.strict))
+        units = head + units
+    att = None
+    if space.attention_range is not None:  # midpoint: deterministic, neutral; mutation explores the range
+        a_lo, a_hi = space._attention_units()
+        att = (a_lo + a_hi) // 2
+    ind = _build(space, c, units, att)
+    if not is_valid(ind, space):
+        raise ValueError(f"seed for c={c} is invalid in this space: {violations(ind, space)}")
+    return ind
+
+
+def mutate(ind: Individual, space: SearchSpace, prob: float, rng: np.random.Generator) -> Individual:
+    """Redraw each searched dim with probability prob, uniformly on the grid between its (already
+    updated) neighbours, so a valid input gives a valid output. Returns ind itself if nothing changed."""
+    D, step, lsm = space.n_pairs, int(space.strict), space._last_step_units()
+    dims = space._searched(ind.c)
+    k = _units(ind, space)
+    changed = False
+    for j, i in enumerate(dims):
+        if rng.random() >= prob:
+            continue
+        lo, hi = space._bounds(i)
+        if j > 0:  # tied mode: λ_{c-1} follows λ_c, so dim c only has the [s, 2s] floor
+            lo = max(lo, k[j - 1] + step)
+        if i < D - 1:
+            hi = min(hi, k[j + 1] - step)
+        elif lsm is not None:
+            hi = min(hi, k[j - 1] + lsm)
+        if lsm is not None and i == D - 2:  # don't open a too-large last step from below
+            lo = max(lo, k[j + 1] - lsm)
+        if lo > hi:
+            raise ValueError(f"mutate: input is not valid at dim {i}: {violations(ind, space)}")
+        new = int(rng.integers(lo, hi + 1))
+        changed |= new != k[j]
+        k[j] = new
+    att = None if ind.attention_factor is None else round(ind.attention_factor / space.grid)
+    if space.attention_range is not None and rng.random() < prob:
+        a_lo, a_hi = space._attention_units()
+        new = int(rng.integers(a_lo, a_hi + 1))
+        changed |= new != att
+        att = new
+    return _build(space, ind.c, k, att) if changed else ind
+
+
+def crossover(p1: Individual, p2: Individual, space: SearchSpace, prob: float,
+              rng: np.random.Generator) -> Individual:
+    """Child = p1 with each searched dim taken from p2 with probability prob (snapped to the grid,
+    clipped to the dim's bounds). May be non-monotone: the caller rejects it with is_valid."""
+    k = _units(p1, space)
+    changed = False
+    for j, i in enumerate(space._searched(p1.c)):
+        if rng.random() < prob:
+            lo, hi = space._bounds(i)
+            new = min(max(round(p2.factors[i] / space.grid), lo), hi)
+            changed |= new != k[j]
+            k[j] = new
+    att = None if p1.attention_factor is None else round(p1.attention_factor / space.grid)
+    if space.attention_range is not None and rng.random() < prob and p2.attention_factor is not None:
+        new = round(p2.attention_factor / space.grid)
+        changed |= new != att
+        att = new
+    return _build(space, p1.c, k, att) if changed else p1
+
+
+def initial_population(space: SearchSpace, size: int, rng: np.random.Generator, *,
+                       mutation_prob: float = 0.3) -> list[Individual]:
+    """One seed per c in c_range (in order), then mutants of the seeds (round robin) up to size."""
+    cs = range(space.c_range[0], space.c_range[1] + 1)
+    if size < len(cs):
+        raise ValueError(f"population size {size} < {len(cs)} critical dims in c_range {space.c_range}: "
+                         "it must hold one seed per c")
+    pop = [_seed(space, c, rng) for c in cs]
+    keys = {ind.key() for ind in pop}
+    tries, limit = 0, 1000 * size
+    while len(pop) < size:
+        if tries >= limit:
+            raise RuntimeError(f"initial_population: could not find {size} unique valid individuals after "
+                               f"{tries} tries (found {len(pop)})")
+        child = mutate(pop[tries % len(cs)], space, mutation_prob, rng)
+        tries += 1
+        if child.key() not in keys and is_valid(child, space):
+            keys.add(child.key())
+            pop.append(child)
+    return pop
+
+
+def _ranked(scored: Sequence[tuple[Individual, float]]) -> list[int]:
+    # lower fitness first; stable, so ties keep input order; NaN/inf (failed evaluations) last
+    return sorted(range(len(scored)),
+                  key=lambda j: (0, float(scored[j][1])) if math.isfinite(scored[j][1]) else (1, 0.0))
+
+
+def best(scored: Sequence[tuple[Individual, float]]) -> tuple[Individual, float]:
+    if not scored:
+        raise ValueError("best: no scored individuals")
+    ind, fit = scored[_ranked(scored)[0]]
+    return ind, float(fit)
+
+
+def next_generation(scored: Sequence[tuple[Individual, float]], space: SearchSpace, *, parents: int, mutants: int,
+                    crossovers: int, mutation_prob: float, crossover_prob: float, rng: np.random.Generator,
+                    seen: set[tuple], crossover_tries: int = 100) -> tuple[list[Individual], list[Individual]]:
+    """(top `parents` by fitness, `mutants` mutants + `crossovers` crossover children).
+
+    Children are valid and new: their keys are in neither `seen`, the scored individuals, nor each other.
+    A crossover pair that gives no such child in `crossover_tries` tries is replaced by a mutant of its
+    first parent (reference code): parents from different seeds rarely cross into a monotone vector.
+    Children keys are added to `seen` once all were found (on RuntimeError `seen` is left untouched).
+    """
+    if not 1 <= parents <= len(scored):
+        raise ValueError(f"next_generation: parents must be in [1, {len(scored)}] (scored individuals), got {parents}")
+    if mutants < 0 or crossovers < 0:
+        raise ValueError(f"next_generation: mutants and crossovers must be >= 0, got {mutants}, {crossovers}")
+    if crossovers and parents < 2:
+        raise ValueError(f"next_generation: crossovers={crossovers} need 2 distinct parents, got parents={parents}")
+    top = [scored[j][0] for j in _ranked(scored)[:parents]]
+    taken = {ind.key() for ind, _ in scored}
+    children: list[Individual] = []
+
+    def new(ind: Individual) -> bool:
+        return ind.key() not in seen and ind.key() not in taken and is_valid(ind, space)
+
+    def fill(n: int, kind: str, make: Callable[[], Individual]) -> None:
+        found, tries = 0, 0
+        while found < n:
+            if tries >= 1000 * n:
+                raise RuntimeError(f"next_generation: could not find {n} unique valid {kind} after {tries} tries "
+                                   f"(found {found})")
+            tries += 1
+            child = make()
+            if new(child):
+                taken.add(child.key())
+                children.append(child)
+                found += 1
+
+    def cross() -> Individual:
+        a = int(rng.integers(parents))
+        b = int(rng.integers(parents - 1))
+        b += b >= a  # uniform over the other parents
+        for _ in range(crossover_tries):
+            child = crossover(top[a], top[b], space, crossover_prob, rng)
+            if new(child):
+                return child
+        return mutate(top[a], space, mutation_prob, rng)
+
+    fill(mutants, "mutants", lambda: mutate(top[int(rng.integers(parents))], space, mutation_prob, rng))
+    fill(crossovers, "crossover children", cross)
+    seen.update(ind.key() for ind in children)
+    return top, children
+
+
+def to_dict(ind: Individual) -> dict[str, Any]:
+    """JSON-friendly; floats survive json round trips exactly (repr is shortest round-trip)."""
+    return {"c": ind.c, "factors": list(ind.factors), "attention_factor": ind.attention_factor}
+
+
+def from_dict(d: dict[str, Any]) -> Individual:
+    att = d.get("attention_factor")
+    return Individual(int(d["c"]), tuple(float(x) for x in d["factors"]), None if att is None else float(att))

@@ -1,0 +1,92 @@
+"""Stage needle_data: exact lengths, answer-only masks, decodable samples, early errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from longrope2 import needle_data
+from longrope2.config import ConfigError, compose_config
+
+
+def _cfg(tmp_path, model_dir, folder, *extra):
+    return compose_config([
+        "experiment=smoke", f"out_dir={tmp_path / 'out'}", f"model.path={model_dir}", "tracking.enabled=false",
+        "data.corpus.source=folder", f"data.corpus.path={folder}", "data.corpus.heldout_fraction=0.0",
+        "target_len=256", "data.search_set.books=3", "data.search_set.samples=9",
+        "data.search_set.validation_books=2", "data.search_set.validation_samples=4", *extra,
+    ])
+
+
+def _load(out):
+    folder = out / "needle_data"
+    meta = json.loads((folder / "needle_data.json").read_text())
+    return meta, {s: torch.load(folder / f"{s}.pt") for s in ("search", "validation")}
+
+
+def test_samples_are_exact_answer_only_and_decode_to_the_template(tmp_path, toy_model_dir, book_folder):
+    cfg = _cfg(tmp_path, toy_model_dir, book_folder)
+    needle_data.run(cfg)
+    meta, sets = _load(tmp_path / "out")
+    tok = AutoTokenizer.from_pretrained(toy_model_dir)
+    template = needle_data.needle_template(cfg)
+    assert meta["search"]["books"] == [str(book_folder / f"book_{i}.txt") for i in range(3)]
+    assert meta["validation"]["books"] == [str(book_folder / f"book_{i}.txt") for i in (3, 4)]
+    for split, n in (("search", 9), ("validation", 4)):
+        t = sets[split]
+        assert t["input_ids"].shape == t["answer_mask"].shape == t["plain_ids"].shape == (n, 256)
+        for i, m in enumerate(meta[split]["meta"]):
+            ids, mask = t["input_ids"][i].tolist(), t["answer_mask"][i]
+            # The answer is inside the window, at its end, and is the only scored span.
+            positions = torch.nonzero(mask).flatten().tolist()
+            assert positions == list(range(256 - m["answer_tokens"], 256))
+            assert tok.decode([ids[p] for p in positions]).strip() == m["number"]
+            text = tok.decode(ids, skip_special_tokens=True)
+            assert template.needle.format(key=m["key"], number=m["number"]) in text
+            assert text.endswith(template.question.format(key=m["key"]) + " " + m["number"])
+            plain = tok.decode(t["plain_ids"][i].tolist(), skip_special_tokens=True)
+            assert "magic number" not in plain
+    # Book k mod books, depth depths[(k // books) mod len(depths)].
+    depths = list(cfg.data.needle.depths)
+    assert [m["depth"] for m in meta["search"]["meta"]] == [depths[k // 3 % len(depths)] for k in range(9)]
+    assert [m["book"] for m in meta["search"]["meta"]] == [meta["search"]["books"][k % 3] for k in range(9)]
+
+
+def test_deterministic_for_a_seed(tmp_path, toy_model_dir, book_folder):
+    needle_data.run(_cfg(tmp_path / "a", toy_model_dir, book_folder))
+    needle_data.run(_cfg(tmp_path / "b", toy_model_dir, book_folder))
+    needle_data.run(_cfg(tmp_path / "c", toy_model_dir, book_folder, "seed=1"))
+    a, b, c = (_load(tmp_path / x / "out")[1]["search"] for x in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["input_ids"], c["input_ids"])
+
+
+def test_short_document_is_named_before_any_output(tmp_path, toy_model_dir, book_folder):
+    (book_folder / "book_1.txt").write_text("Too short a book. " * 10)
+    with pytest.raises(ConfigError, match=r"document '.*book_1\.txt' has \d+ tokens; a sample of target_len "
+                                          r"= 256 needs at least 256"):
+        needle_data.run(_cfg(tmp_path, toy_model_dir, book_folder))
+    assert not (tmp_path / "out").exists()
+
+
+def test_fewer_documents_than_asked(tmp_path, toy_model_dir, book_folder):
+    with pytest.raises(ConfigError, match=r"has 8 documents; accepted: at least books \+ validation_books "
+                                          r"= 7 \+ 2 = 9"):
+        needle_data.run(_cfg(tmp_path, toy_model_dir, book_folder, "data.search_set.books=7"))
+
+
+def test_empty_folder(tmp_path, toy_model_dir):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match=r"data.corpus: corpus source 'folder': no non-empty \*.txt files in"):
+        needle_data.run(_cfg(tmp_path, toy_model_dir, empty))
+
+
+def test_no_validation_set_when_its_size_is_zero(tmp_path, toy_model_dir, book_folder):
+    needle_data.run(_cfg(tmp_path, toy_model_dir, book_folder, "data.search_set.validation_samples=0"))
+    folder = tmp_path / "out" / "needle_data"
+    assert (folder / "search.pt").is_file() and not (folder / "validation.pt").exists()
+    assert "validation" not in json.loads((folder / "needle_data.json").read_text())

@@ -1,0 +1,160 @@
+"""Stage search: outputs, invariants, determinism, resume after a kill, 2 processes == 1."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from longrope2 import needle_data, rope, search
+from longrope2.config import ConfigError, compose_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _overrides(out, model_dir, folder, *extra):
+    return [
+        "experiment=smoke", f"out_dir={out}", f"model.path={model_dir}", "tracking.enabled=false",
+        "data.corpus.source=folder", f"data.corpus.path={folder}", "data.corpus.heldout_fraction=0.0",
+        "model.train_len=64", "target_len=512", "data.search_set.books=2", "data.search_set.samples=4",
+        "data.search_set.validation_books=2", "data.search_set.validation_samples=4",
+        "search.population=8", "search.parents=4", "search.mutants=2", "search.crossovers=2",
+        "search.iterations=3", *extra,
+    ]
+
+
+def _prepare(out, model_dir, folder, *extra):
+    """needle_data + critical_dim inputs for a search in `out`."""
+    from longrope2 import critical_dim
+
+    cfg = compose_config(_overrides(out, model_dir, folder, *extra))
+    needle_data.run(cfg)
+    critical_dim.run(cfg)
+    return cfg
+
+
+def _result(out):
+    return json.loads((Path(out) / "search" / "result.json").read_text())
+
+
+def _history(out):
+    with (Path(out) / "search" / "history.csv").open() as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.fixture(scope="module")
+def books(tmp_path_factory):
+    from longrope2.corpus import generate_documents
+
+    folder = tmp_path_factory.mktemp("books")
+    for i, text in enumerate(generate_documents(4, 1500, seed=5)):
+        (folder / f"book_{i}.txt").write_text(text)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, toy_model_dir, books):
+    """One uninterrupted single-process search: what every other run must reproduce."""
+    out = tmp_path_factory.mktemp("reference")
+    cfg = _prepare(out, toy_model_dir, books)
+    search.run(cfg)
+    return out
+
+
+def test_outputs_and_invariants(reference):
+    res = _result(reference)
+    dims = json.loads((reference / "critical_dim" / "critical_dim.json").read_text())
+    lam, c, s = res["long_factor"], res["critical_dim"], res["s"]
+    assert s == 8.0 and len(lam) == 16
+    assert dims["d10_tcd"] <= c <= dims["d_tcd"]
+    assert all(b >= a for a, b in zip(lam, lam[1:])), "monotone"
+    assert all(s - 1e-9 <= x <= 2 * s + 1e-9 for x in lam[c:]), "inside [s, 2s] above c"
+    ntk = rope.ntk_tied_factors(lam[c], c, len(lam)).tolist()
+    assert lam[:c] == pytest.approx(ntk[:c], rel=1e-12), "NTK tie below c"
+    assert res["attention_factor"] == pytest.approx(rope.attention_temperature(8.0, 64))
+    params = json.loads((reference / "search" / "rope_parameters.json").read_text())
+    assert params["rope_type"] == "longrope" and params["short_factor"] == [1.0] * 16
+    assert params["long_factor"] == lam and params["original_max_position_embeddings"] == 64
+    assert params["attention_factor"] == res["attention_factor"]
+    # population 8 + 3 iterations x 4 children
+    assert res["evaluations"] == 8 + 3 * 4
+    history = _history(reference)
+    assert [int(r["iteration"]) for r in history] == [0, 1, 2, 3]
+    best = [float(r["best_fitness"]) for r in history]
+    assert all(b <= a for a, b in zip(best, best[1:])), "the parents survive: the best never gets worse"
+    assert best[-1] == pytest.approx(res["fitness_value"])
+    validation = json.loads((reference / "search" / "validation.json").read_text())
+    assert set(validation["methods"]) == {"none", "pi", "ntk", "yarn", "dtcd_rule", "searched"}
+    searched = validation["methods"]["searched"]["search_needle_ppl"]
+    assert searched == pytest.approx(res["fitness_value"], rel=1e-9)
+    for name in ("convergence.png", "factors.png"):
+        assert (reference / "search" / name).stat().st_size > 1000
+
+
+def test_same_seed_same_factors(tmp_path, reference, toy_model_dir, books):
+    cfg = _prepare(tmp_path, toy_model_dir, books)
+    search.run(cfg)
+    assert _result(tmp_path)["long_factor"] == _result(reference)["long_factor"]
+    assert _history(tmp_path) == _history(reference)
+
+
+def _cli(out, model_dir, folder, *extra, launcher=()):
+    cmd = [sys.executable, *launcher, "-m", "longrope2.search", *_overrides(out, model_dir, folder, *extra)]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "TQDM_DISABLE": "1"})
+
+
+def test_killed_search_resumes_to_the_same_result(tmp_path, toy_model_dir, books):
+    many = ("search.iterations=25",)
+    _prepare(tmp_path / "ref", toy_model_dir, books, *many)
+    _prepare(tmp_path / "killed", toy_model_dir, books, *many)
+    state_dir = tmp_path / "killed" / "search" / "state"
+    proc = _cli(tmp_path / "killed", toy_model_dir, books, *many)
+    iteration, deadline = -1, time.monotonic() + 300
+    while iteration < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+        states = list(state_dir.glob("*.json"))
+        if states:
+            iteration = json.loads(states[0].read_text())["runs"][0]["iteration"]
+    assert proc.poll() is None, "the search ended before it could be killed: make it longer"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "search" / "result.json").exists()
+    assert 2 <= iteration < 25
+
+    resumed = _cli(tmp_path / "killed", toy_model_dir, books, *many)
+    log = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, log
+    assert "resuming the search from" in log
+    search.run(compose_config(_overrides(tmp_path / "ref", toy_model_dir, books, *many)))
+    killed, ref = _result(tmp_path / "killed"), _result(tmp_path / "ref")
+    assert killed["long_factor"] == ref["long_factor"] and killed["fitness_value"] == ref["fitness_value"]
+    assert _history(tmp_path / "killed") == _history(tmp_path / "ref")
+
+
+def test_two_processes_give_the_same_result_as_one(tmp_path, reference, toy_model_dir, books):
+    _prepare(tmp_path, toy_model_dir, books)
+    torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+    proc = _cli(tmp_path, toy_model_dir, books, "search.processes=2", launcher=torchrun)
+    log = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, log
+    assert _result(tmp_path)["long_factor"] == _result(reference)["long_factor"]
+    assert _history(tmp_path) == _history(reference)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("search.mutants=3", r"search.population = 8: accepted: parents \+ mutants \+ crossovers = 4 \+ 3 \+ 2"),
+    ("search.attention_range=[1.2,1.1]", r"search.attention_range = \[1.2, 1.1\]: accepted: \[low, high\]"),
+    ("resources.search.gpu=4", r"search.processes = 1: accepted: resources.search.gpu = 4"),
+    ("search.monotone=increasing", r'search.monotone = "increasing": accepted: non_decreasing, strictly_increasing'),
+])
+def test_bad_search_settings_fail_before_any_work(tmp_path, toy_model_dir, books, override, message):
+    with pytest.raises(ConfigError, match=message):
+        compose_config(_overrides(tmp_path, toy_model_dir, books, override))
