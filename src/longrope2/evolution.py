@@ -92,7 +92,8 @@ class SearchSpace:
         if self.attention_range is not None:
             a_lo, a_hi = self.attention_range
             if not 0 < a_lo <= a_hi < math.inf or _units_at_least(a_lo, self.grid) > _units_at_most(a_hi, self.grid):
-                bad("attention_range", "(lo, hi) with 0 < lo <= hi holding a grid value (or None)", self.attention_range)
+                bad("attention_range", "(lo, hi) with 0 < lo <= hi holding a grid value (or None)",
+                    self.attention_range)
 
     def _searched(self, c: int) -> range:
         return range(0 if self.all_dims else c, self.n_pairs)

@@ -34,9 +34,17 @@ def stage_cmd(stage, processes=1):
 
 
 def stage_params(*keys):
-    """The resolved config sections a rule depends on: editing them reruns the rule."""
+    """The resolved config sections a rule depends on (dotted keys for sub-sections): editing
+    them reruns the rule, editing other sections does not."""
     data = to_dict(CFG)
-    return json.dumps({key: data[key] for key in keys}, sort_keys=True)
+
+    def get(key):
+        value = data
+        for part in key.split("."):
+            value = value[part]
+        return value
+
+    return json.dumps({key: get(key) for key in keys}, sort_keys=True)
 
 
 def rule_resources(rule_name):

@@ -12,7 +12,7 @@ if PRETRAIN:
         log:
             f"{OUT}/logs/pretrain.log",
         params:
-            cfg=stage_params("model", "data", "seed"),
+            cfg=stage_params("model", "data.corpus", "data.needle.number_digits", "seed"),
         threads: CFG.resources.pretrain.cpus
         resources:
             **rule_resources("pretrain"),

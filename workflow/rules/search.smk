@@ -18,7 +18,7 @@ rule search:
     log:
         f"{OUT}/logs/search.log",
     params:
-        cfg=stage_params("model", "data", "search", "target_len", "seed"),
+        cfg=stage_params("model", "search", "target_len", "seed"),
     threads: CFG.resources.search.cpus
     resources:
         **rule_resources("search"),
