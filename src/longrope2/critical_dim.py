@@ -23,7 +23,7 @@ from omegaconf import DictConfig  # noqa: E402
 
 from longrope2 import rope  # noqa: E402
 from longrope2.config import ConfigError, hydra_stage  # noqa: E402
-from longrope2.outputs import atomic_file, write_json  # noqa: E402
+from longrope2.outputs import save_figure, write_json  # noqa: E402
 from longrope2.scaling import RopeFacts, rope_facts_from_hf_config  # noqa: E402
 from longrope2.tracking import stage_run  # noqa: E402
 
@@ -68,10 +68,7 @@ def plot_periods(summary: dict[str, Any], title: str, path: Path) -> None:
     ax.set_ylabel("period (tokens)")
     ax.set_title(title)
     ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
-    with atomic_file(path) as scratch:
-        fig.savefig(scratch, dpi=120, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

@@ -36,3 +36,13 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
 def write_json(path: str | Path, data: Any) -> None:
     with atomic_file(path) as scratch:
         scratch.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def save_figure(fig: Any, path: str | Path, dpi: int = 120) -> None:
+    """Save a matplotlib figure as PNG atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic_file(path) as scratch:
+        fig.savefig(scratch, dpi=dpi, format="png")
+    plt.close(fig)

@@ -46,7 +46,7 @@ from longrope2 import evolution, fitness, rope  # noqa: E402
 from longrope2.config import ConfigError, hydra_stage, to_dict  # noqa: E402
 from longrope2.evolution import Individual, SearchSpace  # noqa: E402
 from longrope2.needle import NeedleSample, unstack_samples  # noqa: E402
-from longrope2.outputs import atomic_file, write_json  # noqa: E402
+from longrope2.outputs import atomic_file, save_figure, write_json  # noqa: E402
 from longrope2.scaling import RopeFacts, RopeScaling, rope_facts_from_hf_config  # noqa: E402
 from longrope2.tracking import StageRun, stage_run  # noqa: E402
 
@@ -284,10 +284,7 @@ def plot_convergence(history: list[dict[str, Any]], fitness_name: str, path: Pat
     ax.set_yscale("log")
     ax.set_title("Search convergence")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_file(path) as scratch:
-        fig.savefig(scratch, dpi=120, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_factors(curves: dict[str, list[float]], c: int, dims: dict[str, Any], s: float, path: Path) -> None:
@@ -304,10 +301,7 @@ def plot_factors(curves: dict[str, list[float]], c: int, dims: dict[str, Any], s
     ax.set_ylabel("rescaling factor $\\lambda_i$")
     ax.set_title("Rescaling factors")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_file(path) as scratch:
-        fig.savefig(scratch, dpi=120, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def baselines(facts: RopeFacts, target_len: int, dims: dict[str, Any]) -> dict[str, RopeScaling]:
