@@ -1,0 +1,107 @@
+"""Mixed-window rows: packed short rows equal separate documents, the switch, per-document masks,
+and the chunked loss equals the full-logits loss (value and gradients)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from longrope2 import mixed, rope
+from longrope2.scaling import RopeScaling, rope_facts_from_hf_config
+
+TRAIN_LEN = 64  # the toy_model_dir fixture's window
+
+
+@pytest.fixture(scope="module")
+def base(toy_model_dir):
+    return AutoModelForCausalLM.from_pretrained(toy_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+
+
+def _docs(vocab, lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(5, vocab, (n,), generator=g) for n in lengths]
+
+
+def _sum_nll(model, ids, position_ids=None, doc_ids=None):
+    mask = None if doc_ids is None else mixed.document_causal_mask(doc_ids)
+    hidden = model.model(input_ids=ids, position_ids=position_ids, attention_mask=mask).last_hidden_state
+    labels = mixed.causal_lm_labels(ids, doc_ids)
+    return mixed.chunked_causal_lm_loss(hidden, model.get_output_embeddings(), labels, chunk=23)
+
+
+def test_packed_short_row_equals_its_documents_run_separately(toy_model_dir):
+    # A longrope model: the packed row is 150 tokens long, but every position is < L_train, so
+    # the switch must pick the short factors, exactly as for the documents alone (transformers'
+    # longrope scales cos/sin by the attention factor on both paths).
+    model = AutoModelForCausalLM.from_pretrained(toy_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    facts = rope_facts_from_hf_config(model.config)
+    RopeScaling.longrope2(facts, 512, tail=[8.0] * 10, critical_dim=6).apply_to_model(model)
+    lengths = [64, 30, 1, 55]
+    docs = _docs(model.config.vocab_size, lengths)
+    row = torch.cat(docs)[None]
+    pos = mixed.document_position_ids(lengths)[None]
+    assert not mixed.uses_long_rope(pos, TRAIN_LEN)
+    with torch.no_grad():
+        packed, n_packed = _sum_nll(model, row, pos, doc_ids=mixed.document_ids(pos))
+        alone = [_sum_nll(model, d[None]) for d in docs]
+    assert n_packed == sum(n for _, n in alone) == sum(lengths) - len(lengths)
+    assert float(packed) / n_packed == pytest.approx(float(sum(s for s, _ in alone)) / n_packed, rel=1e-5)
+
+
+def test_long_row_uses_the_rescaled_rope(toy_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(toy_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    facts = rope_facts_from_hf_config(model.config)
+    scaling = RopeScaling.longrope2(facts, 512, tail=[9.0] * 10, critical_dim=6)
+    scaling.apply_to_model(model)
+    ids = _docs(model.config.vocab_size, [200])[0][None]
+    pos = torch.arange(200)[None]
+    assert mixed.uses_long_rope(pos, TRAIN_LEN)
+    rotary = model.model.rotary_emb
+    cos, _ = rotary(torch.zeros(1, dtype=torch.float32), pos)
+    ours, _ = scaling.cos_sin(pos)
+    assert torch.allclose(cos, ours, atol=1e-5)
+    short_cos, _ = rotary(torch.zeros(1, dtype=torch.float32), torch.arange(TRAIN_LEN)[None])
+    plain = torch.outer(torch.arange(TRAIN_LEN).float(), rope.inv_freq(32, facts.rope_theta))
+    assert torch.allclose(short_cos[0], torch.cat([plain, plain], -1).cos() * scaling.attention_factor, atol=1e-5)
+
+
+def test_per_document_mask_in_a_long_row(base):
+    lengths = [40, 70, 50]
+    docs = _docs(base.config.vocab_size, lengths, seed=1)
+    row = torch.cat(docs)[None]
+    doc_ids = torch.repeat_interleave(torch.arange(3), torch.tensor(lengths))[None]
+    mask = mixed.document_causal_mask(doc_ids)
+    with torch.no_grad():
+        hidden = base.model(input_ids=row, attention_mask=mask).last_hidden_state
+        # The second document alone, at the positions it has in the row (40 ... 109).
+        alone = base.model(input_ids=docs[1][None], position_ids=torch.arange(40, 110)[None]).last_hidden_state
+    assert torch.allclose(hidden[0, 40:110], alone[0], atol=1e-5)
+    with torch.no_grad():
+        full = base.model(input_ids=row).last_hidden_state
+    assert not torch.allclose(full[0, 40:110], alone[0], atol=1e-3)  # full attention does see doc 1
+
+
+def test_chunked_loss_equals_full_logits_loss_with_gradients(base):
+    ids = _docs(base.config.vocab_size, [97])[0][None]
+    labels = mixed.causal_lm_labels(ids)
+    base.zero_grad()
+    full = base(input_ids=ids, labels=ids).loss  # transformers' own shift + mean
+    full.backward()
+    expected = {n: p.grad.clone() for n, p in base.named_parameters()}
+    base.zero_grad()
+    hidden = base.model(input_ids=ids).last_hidden_state
+    total, count = mixed.chunked_causal_lm_loss(hidden, base.get_output_embeddings(), labels, chunk=10)
+    (total / count).backward()
+    assert count == 96 and float((total / count).detach()) == pytest.approx(float(full.detach()), rel=1e-6)
+    for name, p in base.named_parameters():
+        assert torch.allclose(p.grad, expected[name], atol=1e-6, rtol=1e-4), name
+    base.zero_grad()
+
+
+def test_labels_never_cross_documents():
+    pos = mixed.document_position_ids([3, 2])[None]
+    ids = torch.tensor([[10, 11, 12, 20, 21]])
+    assert mixed.causal_lm_labels(ids, mixed.document_ids(pos)).tolist() == [[11, 12, -100, 21, -100]]
+    with pytest.raises(ValueError, match=r"document lengths must be positive, got \[3, 0\]"):
+        mixed.document_position_ids([3, 0])
