@@ -15,6 +15,7 @@ import pytest
 
 from longrope2 import needle_data, rope, search
 from longrope2.config import ConfigError, compose_config
+from longrope2.scaling import RopeScaling, rope_facts_from_hf_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -158,3 +159,52 @@ def test_two_processes_give_the_same_result_as_one(tmp_path, reference, toy_mode
 def test_bad_search_settings_fail_before_any_work(tmp_path, toy_model_dir, books, override, message):
     with pytest.raises(ConfigError, match=message):
         compose_config(_overrides(tmp_path, toy_model_dir, books, override))
+
+
+@pytest.mark.parametrize("options", [
+    ("search.critical_dim_mode=per_c",),
+    ("search.all_dims=true",),
+    ("search.fitness=plain_ppl",),
+    ("search.attention_factor=search", "search.attention_range=[1.0,1.3]"),
+    ("search.attention_factor=1.1",),
+    ("search.monotone=strictly_increasing", "search.last_step_max=4.0"),
+])
+def test_search_options(tmp_path, toy_model_dir, books, options):
+    cfg = _prepare(tmp_path, toy_model_dir, books, *options, "search.iterations=1")
+    search.run(cfg)
+    res, history = _result(tmp_path), _history(tmp_path)
+    lam, c, d_tcd, d10 = res["long_factor"], res["critical_dim"], res["d_tcd"], res["d10_tcd"]
+    assert (d10, d_tcd) == (1, 5)  # the fixture's window is 64 tokens
+    assert all(b >= a for a, b in zip(lam, lam[1:]))
+    if "search.monotone=strictly_increasing" in options:
+        assert all(b > a for a, b in zip(lam[c:], lam[c + 1:])) and lam[-1] <= lam[-2] + 4.0 + 1e-9
+    if "search.all_dims=true" in options:  # every dim free: [1, 2s] below d_tcd, no NTK tie required
+        assert lam[0] >= 1.0 and all(8.0 - 1e-9 <= x <= 16.0 + 1e-9 for x in lam[d_tcd:])
+    else:
+        assert lam[:c] == pytest.approx(rope.ntk_tied_factors(lam[c], c, 16).tolist()[:c], rel=1e-12)
+    if "search.critical_dim_mode=per_c" in options:  # one GA per c in [d10_tcd, d_tcd]
+        assert sorted({int(r["c_lo"]) for r in history}) == list(range(d10, d_tcd + 1))
+        assert res["evaluations"] == 5 * (8 + 4)
+    if "search.attention_factor=search" in options:
+        assert 1.0 <= res["attention_factor"] <= 1.3
+    if "search.attention_factor=1.1" in options:
+        assert res["attention_factor"] == 1.1
+    if "search.fitness=plain_ppl" in options:
+        assert res["fitness"] == "plain_ppl"
+        facts = rope_facts_from_hf_config(json.loads((toy_model_dir / "config.json").read_text()))
+        scaling = RopeScaling.longrope(facts, 512, long_factor=lam, attention_factor=res["attention_factor"])
+        assert res["fitness_value"] == pytest.approx(_plain_ppl_of(toy_model_dir, tmp_path, scaling), rel=1e-9)
+
+
+def _plain_ppl_of(model_dir, out, scaling):
+    """Independent check: the plain PPL of the needle-free rows under the searched scaling."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from longrope2 import fitness
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    fitness.prepare_for_search(model, rope_facts_from_hf_config(model.config))
+    fitness.set_long_rope(model, scaling)
+    ids = torch.load(Path(out) / "needle_data" / "search.pt")["plain_ids"]
+    return fitness.plain_ppl(model, ids)
