@@ -54,7 +54,6 @@ def test_long_row_uses_the_rescaled_rope(toy_model_dir):
     facts = rope_facts_from_hf_config(model.config)
     scaling = RopeScaling.longrope2(facts, 512, tail=[9.0] * 10, critical_dim=6)
     scaling.apply_to_model(model)
-    ids = _docs(model.config.vocab_size, [200])[0][None]
     pos = torch.arange(200)[None]
     assert mixed.uses_long_rope(pos, TRAIN_LEN)
     rotary = model.model.rotary_emb
