@@ -4,7 +4,7 @@
 rule search:
     input:
         model=rules.pretrain.output.model if PRETRAIN else [],
-        needles=rules.needle_data.output.search,
+        needles=rules.needle_data.output,
         critical_dim=rules.critical_dim.output.json,
     output:
         result=f"{OUT}/search/result.json",
