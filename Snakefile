@@ -11,6 +11,7 @@ include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/critical_dim.smk"
 include: "workflow/rules/needle_data.smk"
 include: "workflow/rules/search.smk"
+include: "workflow/rules/train_data.smk"
 
 
 rule all:
@@ -18,3 +19,4 @@ rule all:
     input:
         rules.critical_dim.output,
         rules.search.output,
+        rules.train_data.output,

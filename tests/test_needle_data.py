@@ -10,6 +10,7 @@ from transformers import AutoTokenizer
 
 from longrope2 import needle_data
 from longrope2.config import ConfigError, compose_config
+from longrope2.inputs import needle_template
 
 
 def _cfg(tmp_path, model_dir, folder, *extra):
@@ -32,7 +33,7 @@ def test_samples_are_exact_answer_only_and_decode_to_the_template(tmp_path, toy_
     needle_data.run(cfg)
     meta, sets = _load(tmp_path / "out")
     tok = AutoTokenizer.from_pretrained(toy_model_dir)
-    template = needle_data.needle_template(cfg)
+    template = needle_template(cfg)
     assert meta["search"]["books"] == [str(book_folder / f"book_{i}.txt") for i in range(3)]
     assert meta["validation"]["books"] == [str(book_folder / f"book_{i}.txt") for i in (3, 4)]
     for split, n in (("search", 9), ("validation", 4)):

@@ -52,11 +52,12 @@ def test_gate_report_matches_the_recorded_golden_figures(smoke_run):
 
 def test_checkpoints_are_keyed_by_settings_and_corpus():
     from longrope2.config import compose_config
-    from longrope2.pretrain import checkpoint_dir, pretrain_settings
+    from longrope2.inputs import toy_pretrain_settings
+    from longrope2.pretrain import checkpoint_dir
 
     def key(*overrides):
         cfg = compose_config(list(overrides))
-        return checkpoint_dir(cfg, pretrain_settings(cfg))
+        return checkpoint_dir(cfg, toy_pretrain_settings(cfg))
 
     assert key() == key()
     assert key() != key("model.arch.vocab_size=640")  # never resume with a stale tokenizer

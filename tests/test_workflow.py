@@ -8,10 +8,10 @@ import pytest
 from conftest import run_snakemake
 
 EXPERIMENT_RULES = {
-    "toy": {"pretrain", "critical_dim", "needle_data", "search", "all"},
-    "smoke": {"pretrain", "critical_dim", "needle_data", "search", "all"},
-    "llama3_8b_128k": {"critical_dim", "needle_data", "search", "all"},
-    "phi3_mini_128k": {"critical_dim", "needle_data", "search", "all"},
+    "toy": {"pretrain", "critical_dim", "needle_data", "search", "train_data", "all"},
+    "smoke": {"pretrain", "critical_dim", "needle_data", "search", "train_data", "all"},
+    "llama3_8b_128k": {"critical_dim", "needle_data", "search", "train_data", "all"},
+    "phi3_mini_128k": {"critical_dim", "needle_data", "search", "train_data", "all"},
 }
 
 
@@ -93,6 +93,8 @@ def test_smoke_end_to_end_with_tracking(tmp_path):
     result = json.loads((out / "search" / "result.json").read_text())
     assert result["evaluations"] == 6 + 2 * 2 and len(result["long_factor"]) == 16
     assert json.loads((out / "search" / "rope_parameters.json").read_text())["rope_type"] == "longrope"
+    rows = json.loads((out / "train_data" / "train_data.json").read_text())
+    assert [b["rows"] for b in rows["buckets"]] == [2, 2] and rows["shards"] == ["rows-00000.pt"]
     assert (out / "logs" / "pretrain.log").stat().st_size > 0
     assert not (tmp_path / "outputs").exists()
 
@@ -102,12 +104,14 @@ def test_smoke_end_to_end_with_tracking(tmp_path):
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = {r.data.tags["stage"]: r for r in runs if "mlflow.parentRunId" in r.data.tags}
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    assert set(children) == {"pretrain", "critical_dim", "needle_data", "search"}
+    assert set(children) == {"pretrain", "critical_dim", "needle_data", "search", "train_data"}
     for child in children.values():
         assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         assert child.info.status == "FINISHED"
         assert child.data.params["experiment_name"] == "smoke"
     assert "em_1x" in children["pretrain"].data.metrics
+    assert children["train_data"].data.metrics["rows"] == 4
+    assert "train_data.json" in {a.path for a in client.list_artifacts(children["train_data"].info.run_id)}
     pretrain_artifacts = {a.path for a in client.list_artifacts(children["pretrain"].info.run_id)}
     assert {"base_model", "gate.json"} <= pretrain_artifacts
     search_run = children["search"].info.run_id

@@ -7,6 +7,7 @@ value fails once, early, with the key, the value and what is accepted.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -162,7 +163,19 @@ def semantic_errors(data: Mapping[str, Any]) -> list[str]:
             f"that makes head_dim x factor (= {rotary:g}) an even integer"
         )
     lines += _search_errors(data)
+    lines += _length_mix_errors(data)
     return lines
+
+
+def _length_mix_errors(data: Mapping[str, Any]) -> list[str]:
+    mix, train_len = data["train"]["length_mix"], data["model"]["train_len"]
+    bounds = [b["max_len"] for b in mix]
+    if bounds[0] != train_len:
+        return [(f"train.length_mix = {json.dumps(mix)}: accepted: a first bucket with max_len = "
+                 f"model.train_len = {train_len} (it makes the short rows), then increasing max_len")]
+    if any(b <= a for a, b in itertools.pairwise(bounds)):
+        return [f"train.length_mix = {json.dumps(mix)}: accepted: strictly increasing max_len (got {bounds})"]
+    return []
 
 
 def _search_errors(data: Mapping[str, Any]) -> list[str]:

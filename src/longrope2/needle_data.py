@@ -26,32 +26,12 @@ from omegaconf import DictConfig
 
 from longrope2 import corpus
 from longrope2.config import ConfigError, hydra_stage
-from longrope2.needle import NeedleTemplate, build_needle_sample, stack_samples, template_for
+from longrope2.inputs import load_tokenizer, needle_template
+from longrope2.needle import NeedleTemplate, build_needle_sample, stack_samples
 from longrope2.outputs import atomic_dir, write_json
 from longrope2.tracking import stage_run
 
 SPLITS = ("search", "validation")
-
-
-def load_tokenizer(path: str) -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"model.path = {path!r}: cannot load a tokenizer there ({err}); accepted: "
-                          "a local model folder with its tokenizer or a reachable hub id") from None
-
-
-def needle_template(cfg: DictConfig) -> NeedleTemplate:
-    """data.needle's template; the toy's digits and BOS follow its pretraining."""
-    pretrain = cfg.model.pretrain
-    toy_base = bool(pretrain.enabled)
-    return template_for(
-        str(cfg.data.needle.template), int(cfg.data.needle.number_digits),
-        distinct_digits=bool(pretrain.get("distinct_digits", False)) if toy_base else False,
-        add_bos=bool(pretrain.get("add_bos", True)) if toy_base else True,
-    )
 
 
 def select_books(cfg: DictConfig) -> dict[str, list[tuple[str, str]]]:

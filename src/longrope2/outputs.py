@@ -18,7 +18,11 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     scratch = path.with_name(path.name + ".partial")
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
-    yield scratch
+    try:
+        yield scratch
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)  # a failed stage leaves nothing behind
+        raise
     shutil.rmtree(path, ignore_errors=True)
     scratch.rename(path)
 

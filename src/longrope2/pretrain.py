@@ -20,40 +20,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from longrope2 import corpus, toy
 from longrope2.config import ConfigError, hydra_stage, to_dict
+from longrope2.inputs import toy_pretrain_settings
 from longrope2.outputs import atomic_dir, write_json
 from longrope2.tracking import stage_run
-
-
-def pretrain_settings(cfg: DictConfig) -> toy.ToyPretrainSettings:
-    """ToyPretrainSettings from the config: the model shape from model.*, the rest from model.pretrain."""
-    arch = cfg.model.arch
-    shape = {
-        "seq_len": int(cfg.model.train_len),
-        "vocab_size": int(arch.vocab_size),
-        "hidden_size": int(arch.hidden_size),
-        "num_layers": int(arch.num_layers),
-        "num_heads": int(arch.num_heads),
-        "intermediate_size": int(arch.intermediate_size),
-        "head_dim": int(cfg.model.head_dim),
-        "rope_theta": float(cfg.model.rope_theta),
-        "num_digits": int(cfg.data.needle.number_digits),
-    }
-    knobs: dict[str, Any] = OmegaConf.to_container(cfg.model.pretrain, resolve=True)
-    knobs.pop("enabled")
-    accepted = {f.name for f in dataclasses.fields(toy.ToyPretrainSettings)} - set(shape)
-    unknown = sorted(set(knobs) - accepted)
-    if unknown:
-        raise ConfigError(
-            f"model.pretrain.{unknown[0]}: unknown setting; accepted: enabled, " + ", ".join(sorted(accepted))
-        )
-    for key, value in knobs.items():
-        if isinstance(value, list):
-            knobs[key] = tuple(value)
-    return toy.ToyPretrainSettings(**shape, **knobs)
 
 
 def checkpoint_dir(cfg: DictConfig, settings: toy.ToyPretrainSettings) -> Path:
@@ -75,7 +48,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.data.needle.template != "toy":
         raise ConfigError(f"data.needle.template = {cfg.data.needle.template!r}: accepted for the toy "
                           "base model: toy (RULER's full template does not fit a 128-token window)")
-    settings = pretrain_settings(cfg)
+    settings = toy_pretrain_settings(cfg)
     out = Path(cfg.out_dir) / "pretrain"
     model_dir = Path(cfg.model.path)
     # Data errors (missing folder, empty corpus) surface here, before any training.

@@ -45,7 +45,8 @@ from tqdm.auto import tqdm  # noqa: E402
 from longrope2 import evolution, fitness, rope  # noqa: E402
 from longrope2.config import ConfigError, hydra_stage, to_dict  # noqa: E402
 from longrope2.evolution import Individual, SearchSpace  # noqa: E402
-from longrope2.needle import NeedleSample, unstack_samples  # noqa: E402
+from longrope2.inputs import load_needle_set  # noqa: E402
+from longrope2.needle import NeedleSample  # noqa: E402
 from longrope2.outputs import atomic_file, save_figure, write_json  # noqa: E402
 from longrope2.scaling import RopeFacts, RopeScaling, rope_facts_from_hf_config  # noqa: E402
 from longrope2.tracking import StageRun, stage_run  # noqa: E402
@@ -96,14 +97,6 @@ def load_model(cfg: DictConfig, device: torch.device) -> tuple[torch.nn.Module, 
     # The experiment's L_train wins over the config's window (Phi3-mini is extended from 2k, not 4k).
     facts = dataclasses.replace(rope_facts_from_hf_config(model.config), train_len=int(cfg.model.train_len))
     return fitness.prepare_for_search(model, facts), facts
-
-
-def load_needle_set(folder: Path, split: str) -> tuple[list[NeedleSample], torch.Tensor]:
-    meta = json.loads((folder / "needle_data.json").read_text())
-    if split not in meta:
-        raise ConfigError(f"data.search_set: {folder} has no {split!r} set (its size is 0)")
-    tensors = torch.load(folder / f"{split}.pt", weights_only=True)
-    return unstack_samples(tensors, meta[split]["meta"]), tensors["plain_ids"]
 
 
 def search_space(cfg: DictConfig, facts: RopeFacts, dims: dict[str, Any], c_range: tuple[int, int]) -> SearchSpace:

@@ -1,0 +1,74 @@
+"""What several stages read from the config and from earlier stages' outputs (no stage imports
+another stage's module): the tokenizer, the needle template, the toy's pretraining settings, the
+saved needle sets."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from longrope2 import toy
+from longrope2.config import ConfigError
+from longrope2.needle import NeedleSample, NeedleTemplate, template_for, unstack_samples
+
+
+def load_tokenizer(path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model.path = {path!r}: cannot load a tokenizer there ({err}); accepted: "
+                          "a local model folder with its tokenizer or a reachable hub id") from None
+
+
+def needle_template(cfg: DictConfig) -> NeedleTemplate:
+    """data.needle's template; the toy's digits and BOS follow its pretraining."""
+    pretrain = cfg.model.pretrain
+    toy_base = bool(pretrain.enabled)
+    return template_for(
+        str(cfg.data.needle.template), int(cfg.data.needle.number_digits),
+        distinct_digits=bool(pretrain.get("distinct_digits", False)) if toy_base else False,
+        add_bos=bool(pretrain.get("add_bos", True)) if toy_base else True,
+    )
+
+
+def toy_pretrain_settings(cfg: DictConfig) -> toy.ToyPretrainSettings:
+    """ToyPretrainSettings from the config: the model shape from model.*, the rest from model.pretrain."""
+    arch = cfg.model.arch
+    shape = {
+        "seq_len": int(cfg.model.train_len),
+        "vocab_size": int(arch.vocab_size),
+        "hidden_size": int(arch.hidden_size),
+        "num_layers": int(arch.num_layers),
+        "num_heads": int(arch.num_heads),
+        "intermediate_size": int(arch.intermediate_size),
+        "head_dim": int(cfg.model.head_dim),
+        "rope_theta": float(cfg.model.rope_theta),
+        "num_digits": int(cfg.data.needle.number_digits),
+    }
+    knobs: dict[str, Any] = OmegaConf.to_container(cfg.model.pretrain, resolve=True)
+    knobs.pop("enabled")
+    accepted = {f.name for f in dataclasses.fields(toy.ToyPretrainSettings)} - set(shape)
+    unknown = sorted(set(knobs) - accepted)
+    if unknown:
+        raise ConfigError(
+            f"model.pretrain.{unknown[0]}: unknown setting; accepted: enabled, " + ", ".join(sorted(accepted))
+        )
+    for key, value in knobs.items():
+        if isinstance(value, list):
+            knobs[key] = tuple(value)
+    return toy.ToyPretrainSettings(**shape, **knobs)
+
+
+def load_needle_set(folder: Path, split: str) -> tuple[list[NeedleSample], torch.Tensor]:
+    meta = json.loads((folder / "needle_data.json").read_text())
+    if split not in meta:
+        raise ConfigError(f"data.search_set: {folder} has no {split!r} set (its size is 0)")
+    tensors = torch.load(folder / f"{split}.pt", weights_only=True)
+    return unstack_samples(tensors, meta[split]["meta"]), tensors["plain_ids"]

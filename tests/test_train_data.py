@@ -1,0 +1,236 @@
+"""Stage train_data: exact rows, restarting / continuous positions, budgets, toy exercises on training
+text only, determinism, local corpora by weight, early and clean errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from longrope2 import corpus, mixed, train_data
+from longrope2.config import ConfigError, compose_config
+
+L, L_TRAIN = 256, 64
+MIX = "train.length_mix=[{max_len:64,tokens:2560},{max_len:256,tokens:2000}]"  # 10 short, ceil(7.8) = 8 long rows
+
+
+def _cfg(tmp_path, model_dir, *extra):
+    return compose_config([
+        "experiment=smoke", f"out_dir={tmp_path / 'out'}", f"model.path={model_dir}", "tracking.enabled=false",
+        f"model.train_len={L_TRAIN}", f"target_len={L}", MIX, "data.train_set.long_lengths=[128,256]", *extra,
+    ])
+
+
+def _toy_cfg(tmp_path, model_dir, folder, *extra):
+    return _cfg(tmp_path, model_dir, "data.corpus.source=folder", f"data.corpus.path={folder}",
+                "data.corpus.heldout_fraction=0.25", *extra)
+
+
+def _load(out):
+    folder = out / "train_data"
+    meta = json.loads((folder / "train_data.json").read_text())
+    shards = [torch.load(folder / name) for name in meta["shards"]]
+    return meta, {k: torch.cat([s[k] for s in shards]) for k in shards[0]}
+
+
+@pytest.fixture
+def marked_books(tmp_path):
+    """Eight books; book i repeats the marker word 'mark' + 3 x letter i, so a row's text tells its books."""
+    folder = tmp_path / "marked"
+    folder.mkdir()
+    for i, text in enumerate(corpus.generate_documents(8, 1500, seed=5)):
+        words = text.split(" ")
+        marker = "mark" + "abcdefgh"[i] * 3
+        (folder / f"book_{i}.txt").write_text(" ".join(w if k % 15 else f"{marker} {w}" for k, w in enumerate(words)))
+    return folder
+
+
+def _check_short_rows(t):
+    short = ~t["is_long"]
+    pos, docs = t["position_ids"][short].long(), t["doc_ids"][short].long()
+    assert pos.shape[1] == L and int(pos.max()) < L_TRAIN
+    # Positions restart exactly at document starts, and count up inside a document.
+    assert torch.equal(mixed.document_ids(pos), docs)
+    starts = torch.ones_like(docs, dtype=torch.bool)
+    starts[:, 1:] = docs[:, 1:] != docs[:, :-1]
+    assert torch.equal(pos == 0, starts)
+    assert bool((pos[:, 1:][~starts[:, 1:]] == pos[:, :-1][~starts[:, 1:]] + 1).all())
+
+
+def _check_long_rows(t):
+    long = t["is_long"]
+    assert torch.equal(t["position_ids"][long].long(), torch.arange(L).expand(int(long.sum()), L))
+    assert bool((t["doc_ids"][long][:, 1:] >= t["doc_ids"][long][:, :-1]).all())
+
+
+def test_toy_rows_budgets_positions_and_exercises(tmp_path, toy_model_dir, marked_books):
+    cfg = _toy_cfg(tmp_path, toy_model_dir, marked_books)
+    train_data.run(cfg)
+    meta, t = _load(tmp_path / "out")
+    tok = AutoTokenizer.from_pretrained(toy_model_dir)
+    # Budgets: ceil(tokens / L) rows per bucket, short rows first.
+    assert [b["rows"] for b in meta["buckets"]] == [math.ceil(2560 / L), math.ceil(2000 / L)] == [10, 8]
+    assert t["is_long"].tolist() == [False] * 10 + [True] * 8
+    for key in ("input_ids", "position_ids", "doc_ids"):
+        assert t[key].shape == (18, L) and t[key].dtype == torch.int32
+    assert t["loss_weight"].shape == (18, L) and t["is_long"].dtype == torch.bool
+    assert not bool((t["input_ids"] == tok.pad_token_id).any())  # no padding
+    _check_short_rows(t)
+    _check_long_rows(t)
+    # Short documents are the toy's own L_train-token samples, answers weighted.
+    assert set(torch.bincount(t["doc_ids"][0].long()).tolist()) == {L_TRAIN}
+    assert bool((t["loss_weight"][:10] == 2.0).any())
+
+    # Long exercises: configured lengths only, one per row, each answer inside the row and weighted.
+    template = train_data.needle_template(cfg)
+    lengths = set()
+    for r in range(10, 18):
+        ids, docs, w = t["input_ids"][r].tolist(), t["doc_ids"][r], t["loss_weight"][r]
+        counts = torch.bincount(docs.long()).tolist()
+        assert len(set(counts)) == 1 and counts[0] in (128, 256) and sum(counts) == L
+        lengths.add(counts[0])
+        keys = []
+        for d in range(len(counts)):
+            idx = torch.nonzero(docs == d).flatten().tolist()
+            answer = [i for i in idx if w[i] == 2.0]
+            assert answer and answer == idx[-len(answer):]  # the answer ends the exercise
+            number = tok.decode([ids[i] for i in answer]).strip()
+            text = tok.decode([ids[i] for i in idx], skip_special_tokens=True)
+            key = re.search(r"special magic number for (\w+)\? The special magic number for \1 is\s*$",
+                            tok.decode([ids[i] for i in idx[: -len(answer)]], skip_special_tokens=True)).group(1)
+            needle = template.needle.format(key=key, number=number)
+            assert needle in text and text.index(needle) < text.rindex("What is the special magic number")
+            keys.append(key)
+        assert len(set(keys)) == len(keys)  # distinct keys inside a row
+    assert lengths == {128, 256}
+    assert sum(meta["stats"]["exercises_per_length"].values()) == meta["buckets"][1]["documents"]
+
+    # Training-split text only: the held-out books' markers never appear.
+    train_docs, heldout = corpus.split_documents(sorted(str(p) for p in marked_books.glob("*.txt")), 0.25, 0)
+    text = tok.decode(t["input_ids"].flatten().tolist())
+    found = set(re.findall(r"mark([a-h])\1\1", text))
+    expected = {"abcdefgh"[int(p.split("_")[-1][0])] for p in train_docs}
+    assert found and found <= expected
+    assert meta["stats"]["heldout_documents_excluded"] == heldout and len(heldout) == 2
+    assert meta["stats"]["train_documents"] == train_docs
+
+
+def test_deterministic_for_a_seed(tmp_path, toy_model_dir, book_folder):
+    for name, extra in (("a", ()), ("b", ()), ("c", ("seed=1",))):
+        train_data.run(_toy_cfg(tmp_path / name, toy_model_dir, book_folder, "data.train_set.shard_rows=7", *extra))
+    (ma, a), (mb, b), (_, c) = (_load(tmp_path / x / "out") for x in "abc")
+    assert ma["shards"] == ["rows-00000.pt", "rows-00001.pt", "rows-00002.pt"] == mb["shards"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["input_ids"], c["input_ids"])
+
+
+def test_long_lengths_outside_the_window_range(tmp_path, toy_model_dir, book_folder):
+    with pytest.raises(ConfigError, match=r"data\.train_set\.long_lengths = \[64, 512\]: accepted: a non-empty "
+                                          r"list of lengths in \(model\.train_len, target_len\] = \(64, 256\]"):
+        train_data.run(_toy_cfg(tmp_path, toy_model_dir, book_folder, "data.train_set.long_lengths=[64,512]"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_length_mix_must_start_at_the_window():
+    with pytest.raises(ConfigError, match=r"train\.length_mix = .*accepted: a first bucket with max_len = "
+                                          r"model\.train_len = 128"):
+        compose_config(["train.length_mix=[{max_len:100,tokens:10},{max_len:1024,tokens:10}]"])
+
+
+# --------------------------------------------------------------------------- corpora
+
+
+def _doc(rng, words):
+    vocabulary = ["the", "river", "a", "stone", "garden", "fell", "quiet", "road."]
+    return " ".join(rng.choice(vocabulary) for _ in range(words))
+
+
+@pytest.fixture
+def corpora(tmp_path):
+    """Two folders: *.txt files and a *.jsonl file, each with short (<= 64 tokens) and long documents."""
+    import random
+
+    rng = random.Random(0)
+    txt, jsonl = tmp_path / "txt", tmp_path / "jsonl"
+    txt.mkdir()
+    jsonl.mkdir()
+    for i in range(40):
+        (txt / f"doc_{i:02d}.txt").write_text(_doc(rng, 12 if i % 4 else 300))
+    lines = [json.dumps({"text": _doc(rng, 12 if i % 4 else 300), "id": i}) for i in range(40)]
+    (jsonl / "part-0.jsonl").write_text("\n".join(lines[:20]) + "\n\n")
+    (jsonl / "part-1.jsonl").write_text("\n".join(lines[20:]) + "\n")
+    return txt, jsonl
+
+
+def _corpora_cfg(tmp_path, model_dir, specs, *extra):
+    items = ",".join(f"{{name:{n},path:{'null' if p is None else repr(str(p))},weight:{w}}}" for n, p, w in specs)
+    return _cfg(tmp_path, model_dir, "data.train_set.source=corpora", f"data.train_set.corpora=[{items}]", *extra)
+
+
+def test_corpora_rows_and_weights(tmp_path, toy_model_dir, corpora):
+    txt, jsonl = corpora
+    cfg = _corpora_cfg(tmp_path, toy_model_dir, [("books", txt, 3.0), ("web", jsonl, 1.0)])
+    train_data.run(cfg)
+    meta, t = _load(tmp_path / "out")
+    assert [b["rows"] for b in meta["buckets"]] == [10, 8] and t["input_ids"].shape == (18, L)
+    assert int(t["is_long"].sum()) == 8
+    _check_short_rows(t)
+    _check_long_rows(t)
+    assert bool((t["loss_weight"] == 1.0).all())
+    stats = {c["name"]: c for c in meta["stats"]["corpora"]}
+    assert stats["books"]["documents_indexed"] == stats["web"]["documents_indexed"] == 40
+    drawn = stats["books"]["documents_drawn"] / (stats["books"]["documents_drawn"] + stats["web"]["documents_drawn"])
+    assert 0.6 < drawn < 0.9  # weight 3 : 1
+    assert stats["books"]["documents_used"] > stats["web"]["documents_used"] > 0
+    # Every document starts with BOS; long rows hold documents longer than L_train.
+    tok = AutoTokenizer.from_pretrained(toy_model_dir)
+    assert int(t["input_ids"][0, 0]) == tok.bos_token_id
+    long_rows = t["doc_ids"][t["is_long"]]
+    assert int(torch.bincount(long_rows[0].long())[0]) > L_TRAIN
+
+
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        ("missing", (r"data\.train_set\.corpora\[1\]\.path = '.*missing': no such folder; accepted: a local "
+                     r"folder of \*\.txt files \(one document per file\) or \*\.jsonl files")),
+        ("empty", (r"data\.train_set\.corpora\[1\]\.path = '.*empty': no documents \(no non-empty \*\.txt or "
+                   r"\*\.jsonl files\); accepted: a local folder")),
+        ("hub", (r"data\.train_set\.corpora\[1\]\.path = 'HuggingFaceFW/fineweb-edu' is not a local folder and "
+                 r"looks like a hub dataset id: hub datasets are not supported offline yet; place the data in a "
+                 r"local folder")),
+        ("null", r"data\.train_set\.corpora\[1\]\.path = null \(corpus 'web'\): accepted: a local folder"),
+    ],
+)
+def test_bad_corpora_fail_before_any_output(tmp_path, toy_model_dir, corpora, path, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "blank.txt").write_text("")
+    second = {"missing": tmp_path / "missing", "empty": tmp_path / "empty", "hub": "HuggingFaceFW/fineweb-edu",
+              "null": None}[path]
+    cfg = _corpora_cfg(tmp_path, toy_model_dir, [("books", corpora[0], 1.0), ("web", second, 1.0)])
+    with pytest.raises(ConfigError, match=message):
+        train_data.run(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_paper_preset_composes_and_names_the_missing_path():
+    cfg = compose_config(["experiment=llama3_8b_128k"])
+    assert [(c.name, c.weight) for c in cfg.data.train_set.corpora] == [
+        ("redpajama_v1", 4.5), ("redpajama_v2", 2.5), ("starcoder", 2.0), ("fineweb_edu", 1.0)]
+    with pytest.raises(ConfigError, match=r"data\.train_set\.corpora\[0\]\.path = null \(corpus 'redpajama_v1'\)"):
+        train_data.index_corpora(cfg)
+
+
+def test_bad_jsonl_line_leaves_no_folder(tmp_path, toy_model_dir):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "part.jsonl").write_text("\n".join(json.dumps({"content": "no text field"}) for _ in range(5)))
+    with pytest.raises(ConfigError, match=r"part\.jsonl at byte \d+: accepted: one JSON object per line with a "
+                                          r"\"text\" field"):
+        train_data.run(_corpora_cfg(tmp_path, toy_model_dir, [("bad", folder, 1.0)]))
+    assert not (tmp_path / "out" / "train_data").exists()
+    assert not (tmp_path / "out" / "train_data.partial").exists()

@@ -1,0 +1,17 @@
+# Stage `train_data`: rows of exactly target_len tokens for mixed context window fine-tuning.
+
+
+rule train_data:
+    input:
+        model=rules.pretrain.output.model if PRETRAIN else [],
+    output:
+        rows=directory(f"{OUT}/train_data"),
+    log:
+        f"{OUT}/logs/train_data.log",
+    params:
+        cfg=stage_params("model", "data", "train.length_mix", "target_len", "seed"),
+    threads: CFG.resources.train_data.cpus
+    resources:
+        **rule_resources("train_data"),
+    shell:
+        stage_cmd("train_data")
