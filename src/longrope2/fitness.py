@@ -16,20 +16,13 @@ import torch
 from torch import Tensor, nn
 
 from longrope2.needle import NeedleSample, needle_sample_losses
-from longrope2.scaling import RopeFacts, RopeScaling
-
-
-def rotary_modules(model: nn.Module) -> list[nn.Module]:
-    found = [m for m in model.modules() if hasattr(m, "original_inv_freq") and hasattr(m, "attention_scaling")]
-    if not found:
-        raise ValueError(f"no rotary embedding module found in {type(model).__name__}")
-    return found
+from longrope2.scaling import RopeFacts, RopeScaling, rotary_modules
 
 
 def prepare_for_search(model: nn.Module, facts: RopeFacts) -> nn.Module:
     """Original RoPE with static rotary modules, ready for in-place candidate swaps."""
     RopeScaling.none(facts).apply_to_model(model)
-    for rotary in rotary_modules(model):
+    for _, rotary in rotary_modules(model):
         if rotary.rope_type != "default":
             raise RuntimeError(f"rotary module kept rope_type {rotary.rope_type!r} after preparation")
     return model
@@ -42,7 +35,7 @@ def set_long_rope(model: nn.Module, scaling: RopeScaling) -> None:
     picks the long factors, so the long path is the whole candidate.
     """
     inv_freq = scaling.long_inv_freq()  # (D,) float32
-    for rotary in rotary_modules(model):
+    for _, rotary in rotary_modules(model):
         if rotary.rope_type != "default":
             raise RuntimeError("call prepare_for_search(model, facts) first: the rotary module has "
                                f"rope_type {rotary.rope_type!r}, which would override the swapped frequencies")

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from longrope2 import toy
+from longrope2 import corpus, toy
 from longrope2.config import ConfigError
 from longrope2.needle import NeedleSample, NeedleTemplate, template_for, unstack_samples
 
@@ -66,9 +66,25 @@ def toy_pretrain_settings(cfg: DictConfig) -> toy.ToyPretrainSettings:
     return toy.ToyPretrainSettings(**shape, **knobs)
 
 
-def load_needle_set(folder: Path, split: str) -> tuple[list[NeedleSample], torch.Tensor]:
+def load_needle_sets(folder: Path) -> dict[str, tuple[list[NeedleSample], torch.Tensor]]:
+    """Every needle set stage needle_data wrote: split -> (samples, plain_ids); a size-0 split is absent."""
     meta = json.loads((folder / "needle_data.json").read_text())
-    if split not in meta:
-        raise ConfigError(f"data.search_set: {folder} has no {split!r} set (its size is 0)")
-    tensors = torch.load(folder / f"{split}.pt", weights_only=True)
-    return unstack_samples(tensors, meta[split]["meta"]), tensors["plain_ids"]
+    sets = {}
+    for split in ("search", "validation"):
+        if split in meta:
+            tensors = torch.load(folder / f"{split}.pt", weights_only=True)
+            sets[split] = unstack_samples(tensors, meta[split]["meta"]), tensors["plain_ids"]
+    return sets
+
+
+def corpus_parts(cfg: DictConfig) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """data.corpus as (training, held-out) named documents, split by cfg.seed; no held-out part when
+    data.corpus.heldout_fraction is 0. Missing or empty corpora are a ConfigError."""
+    c = cfg.data.corpus
+    try:
+        docs = corpus.load_named_documents(str(c.source), c.path)
+    except ValueError as err:
+        raise ConfigError(f"data.corpus: {err}") from None
+    if float(c.heldout_fraction) == 0:
+        return docs, []
+    return corpus.split_documents(docs, float(c.heldout_fraction), int(cfg.seed))

@@ -24,9 +24,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from longrope2 import corpus
 from longrope2.config import ConfigError, hydra_stage
-from longrope2.inputs import load_tokenizer, needle_template
+from longrope2.inputs import corpus_parts, load_tokenizer, needle_template
 from longrope2.needle import NeedleTemplate, build_needle_sample, stack_samples
 from longrope2.outputs import atomic_dir, write_json
 from longrope2.tracking import stage_run
@@ -37,13 +36,10 @@ SPLITS = ("search", "validation")
 def select_books(cfg: DictConfig) -> dict[str, list[tuple[str, str]]]:
     """The search books and the validation books (disjoint), in corpus order."""
     c = cfg.data.corpus
-    try:
-        docs = corpus.load_named_documents(str(c.source), c.path)
-    except ValueError as err:
-        raise ConfigError(f"data.corpus: {err}") from None
+    train, heldout = corpus_parts(cfg)
     where = f"corpus {c.source!r}" + (f" at {c.path}" if c.path else "")
-    if float(c.heldout_fraction) > 0:  # only text the base model was never trained on
-        _, docs = corpus.split_documents(docs, float(c.heldout_fraction), int(cfg.seed))
+    docs = heldout or train  # with a held-out part: only text the base model was never trained on
+    if heldout:
         where += f" (held-out part, heldout_fraction = {c.heldout_fraction})"
     s = cfg.data.search_set
     books, val_books = int(s.books), int(s.validation_books) if int(s.validation_samples) else 0

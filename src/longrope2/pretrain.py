@@ -22,9 +22,9 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from longrope2 import corpus, toy
+from longrope2 import toy
 from longrope2.config import ConfigError, hydra_stage, to_dict
-from longrope2.inputs import toy_pretrain_settings
+from longrope2.inputs import corpus_parts, toy_pretrain_settings
 from longrope2.outputs import atomic_dir, write_json
 from longrope2.tracking import stage_run
 
@@ -52,13 +52,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cfg.out_dir) / "pretrain"
     model_dir = Path(cfg.model.path)
     # Data errors (missing folder, empty corpus) surface here, before any training.
-    try:
-        documents = corpus.load_documents(cfg.data.corpus.source, cfg.data.corpus.path)
-    except ValueError as err:
-        raise ConfigError(f"data.corpus: {err}") from None
-    train_docs, heldout_docs = corpus.split_documents(
-        documents, float(cfg.data.corpus.heldout_fraction), int(cfg.seed)
-    )
+    train_named, heldout_named = corpus_parts(cfg)
+    if not heldout_named:
+        raise ConfigError(f"data.corpus.heldout_fraction = {cfg.data.corpus.heldout_fraction}: accepted for the "
+                          "toy base model: a fraction in (0, 1) (its quality gate needs held-out books)")
+    train_docs, heldout_docs = [t for _, t in train_named], [t for _, t in heldout_named]
     seeds = [int(cfg.seed) + k for k in range(settings.max_seed_tries)]
 
     with stage_run(cfg, "pretrain") as tracker:

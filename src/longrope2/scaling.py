@@ -307,10 +307,7 @@ class RopeScaling:
         from it, which also drops longrope's cached `long_inv_freq`. Then checks that the
         model's frequencies and attention factor are ours.
         """
-        found = [(name, m) for name, m in model.named_modules()
-                 if hasattr(m, "original_inv_freq") and hasattr(m, "attention_scaling")]
-        if not found:
-            raise ValueError(f"no rotary embedding module found in {type(model).__name__}")
+        found = rotary_modules(model)
         self.update_hf_config(model.config)
         for name, old in found:
             if old.config is not model.config:
@@ -332,4 +329,14 @@ class RopeScaling:
             raise RuntimeError(f"model's attention factor {rotary.attention_scaling} != {self.attention_factor}")
 
 
-__all__ = ["METHODS", "Method", "RopeConfigError", "RopeFacts", "RopeScaling", "rope_facts_from_hf_config"]
+def rotary_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every transformers rotary embedding in a model (ValueError if none)."""
+    found = [(name, m) for name, m in model.named_modules()
+             if hasattr(m, "original_inv_freq") and hasattr(m, "attention_scaling")]
+    if not found:
+        raise ValueError(f"no rotary embedding module found in {type(model).__name__}")
+    return found
+
+
+__all__ = ["METHODS", "Method", "RopeConfigError", "RopeFacts", "RopeScaling", "rope_facts_from_hf_config",
+           "rotary_modules"]

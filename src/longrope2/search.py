@@ -28,7 +28,7 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +45,11 @@ from tqdm.auto import tqdm  # noqa: E402
 from longrope2 import evolution, fitness, rope  # noqa: E402
 from longrope2.config import ConfigError, hydra_stage, to_dict  # noqa: E402
 from longrope2.evolution import Individual, SearchSpace  # noqa: E402
-from longrope2.inputs import load_needle_set  # noqa: E402
+from longrope2.inputs import load_needle_sets  # noqa: E402
 from longrope2.needle import NeedleSample  # noqa: E402
 from longrope2.outputs import atomic_file, save_figure, write_json  # noqa: E402
 from longrope2.scaling import RopeFacts, RopeScaling, rope_facts_from_hf_config  # noqa: E402
+from longrope2.toy import torch_threads  # noqa: E402
 from longrope2.tracking import StageRun, stage_run  # noqa: E402
 
 STATE_VERSION = 1
@@ -327,21 +328,10 @@ def validate_methods(model: torch.nn.Module, methods: dict[str, RopeScaling], se
 # --------------------------------------------------------------------------- stage
 
 
-@contextlib.contextmanager
-def _threads(n: int | None) -> Iterator[None]:
-    old = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(int(n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 def run(cfg: DictConfig) -> dict[str, Any]:
     workers = init_workers()
     try:
-        with _threads(cfg.search.num_threads):
+        with torch_threads(cfg.search.num_threads):
             return _run(cfg, workers)
     finally:
         if workers.world > 1:
@@ -352,7 +342,8 @@ def _run(cfg: DictConfig, workers: Workers) -> dict[str, Any]:
     out = Path(cfg.out_dir) / "search"
     needle_dir = Path(cfg.out_dir) / "needle_data"
     dims = json.loads((Path(cfg.out_dir) / "critical_dim" / "critical_dim.json").read_text())
-    samples, plain_ids = load_needle_set(needle_dir, "search")
+    needle_sets = load_needle_sets(needle_dir)  # split -> (samples, plain_ids)
+    samples, plain_ids = needle_sets["search"]
     model, facts = load_model(cfg, workers.device)
     target_len = int(cfg.target_len)
     if samples[0].length != target_len:
@@ -408,13 +399,14 @@ def _run(cfg: DictConfig, workers: Workers) -> dict[str, Any]:
         scaling = evaluator.scaling(best_ind)
         if not workers.main:
             return {}
-        result = write_outputs(cfg, out, model, facts, dims, state, best_ind, best_fit, scaling, tracker)
+        sets = {split: samples for split, (samples, _) in needle_sets.items()}
+        result = write_outputs(cfg, out, model, facts, dims, sets, state, best_ind, best_fit, scaling, tracker)
     return result
 
 
 def write_outputs(cfg: DictConfig, out: Path, model: torch.nn.Module, facts: RopeFacts, dims: dict[str, Any],
-                  state: dict[str, Any], best_ind: Individual, best_fit: float, scaling: RopeScaling,
-                  tracker: StageRun) -> dict[str, Any]:
+                  sets: dict[str, list[NeedleSample]], state: dict[str, Any], best_ind: Individual,
+                  best_fit: float, scaling: RopeScaling, tracker: StageRun) -> dict[str, Any]:
     target_len = int(cfg.target_len)
     s = rope.extension_ratio(target_len, facts.train_len)
     result = {
@@ -433,10 +425,6 @@ def write_outputs(cfg: DictConfig, out: Path, model: torch.nn.Module, facts: Rop
 
     # Held-out check: the searched factors against the training-free baselines.
     methods = baselines(facts, target_len, dims) | {"searched": scaling}
-    needle_dir = Path(cfg.out_dir) / "needle_data"
-    sets = {"search": load_needle_set(needle_dir, "search")[0]}
-    if "validation" in json.loads((needle_dir / "needle_data.json").read_text()):
-        sets["validation"] = load_needle_set(needle_dir, "validation")[0]
     table = validate_methods(model, methods, sets, int(cfg.search.batch_size))
     write_json(out / "validation.json", {"target_len": target_len, "samples": {k: len(v) for k, v in sets.items()},
                                          "methods": table})

@@ -361,7 +361,7 @@ def _settings_fingerprint(s: ToyPretrainSettings) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
+def torch_threads(n: int | None) -> Iterator[None]:
     """Run with n intra-op threads, restoring the caller's setting afterwards."""
     before = torch.get_num_threads()
     if n:
@@ -403,7 +403,7 @@ def pretrain_base_model(
     ``stop_after`` ends the call after that many total steps without finishing
     (tests; simulates a kill).
     """
-    with _torch_threads(settings.num_threads):
+    with torch_threads(settings.num_threads):
         return _pretrain_base_model(
             settings, train_docs, heldout_docs, seed, Path(work_dir), log_fn, tokenizer, stop_after
         )
@@ -520,7 +520,7 @@ def gate(
     at 8x <= gate_max_collapse_em (the collapse the pipeline is meant to fix).
     ``seed`` draws the held-out samples (keys, numbers, haystack offsets).
     """
-    with _torch_threads(settings.num_threads):
+    with torch_threads(settings.num_threads):
         return _gate(model, tokenizer, heldout_docs, settings, seed)
 
 

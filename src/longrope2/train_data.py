@@ -48,9 +48,9 @@ import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from longrope2 import corpus, mixed, toy
+from longrope2 import mixed, toy
 from longrope2.config import ConfigError, hydra_stage
-from longrope2.inputs import load_tokenizer, needle_template, toy_pretrain_settings
+from longrope2.inputs import corpus_parts, load_tokenizer, needle_template, toy_pretrain_settings
 from longrope2.needle import build_needle_sample
 from longrope2.outputs import atomic_dir, write_json
 from longrope2.tracking import stage_run
@@ -181,14 +181,7 @@ def prepare_toy(cfg: DictConfig, tokenizer: Any, buckets: list[Bucket]) -> ToySo
         if not per_bucket[b.index]:
             raise ConfigError(f"data.train_set.long_lengths = {long_lengths}: no length in train.length_mix"
                               f"[{b.index}]'s range ({b.low}, {b.max_len}]; accepted: at least one per long bucket")
-    c = cfg.data.corpus
-    try:
-        docs = corpus.load_named_documents(str(c.source), c.path)
-    except ValueError as err:
-        raise ConfigError(f"data.corpus: {err}") from None
-    heldout: list[tuple[str, str]] = []
-    if float(c.heldout_fraction) > 0:  # never the held-out books (needle_data / eval use those)
-        docs, heldout = corpus.split_documents(docs, float(c.heldout_fraction), int(cfg.seed))
+    docs, heldout = corpus_parts(cfg)  # never the held-out books (needle_data / eval use those)
     settings = dataclasses.replace(toy_pretrain_settings(cfg), answer_loss_weight=float(ts.answer_loss_weight))
     stream = toy.encode_stream(tokenizer, [text for _, text in docs])
     try:
