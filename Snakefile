@@ -12,6 +12,7 @@ include: "workflow/rules/critical_dim.smk"
 include: "workflow/rules/needle_data.smk"
 include: "workflow/rules/search.smk"
 include: "workflow/rules/train_data.smk"
+include: "workflow/rules/train.smk"
 
 
 rule all:
@@ -19,4 +20,4 @@ rule all:
     input:
         rules.critical_dim.output,
         rules.search.output,
-        rules.train_data.output,
+        rules.train.output,

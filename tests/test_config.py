@@ -45,7 +45,9 @@ def test_paper_experiments_carry_the_paper_settings(experiment, train_len, targe
     assert (search.grid, search.monotone) == (0.01, "non_decreasing")
     assert (cfg.train.lr, cfg.train.global_batch, tuple(cfg.train.betas)) == (2e-5, 64, (0.9, 0.95))
     assert cfg.train.length_mix[0].max_len == train_len
-    assert sum(bucket.tokens for bucket in cfg.train.length_mix) == cfg.train.tokens
+    assert [b.tokens for b in cfg.train.length_mix] == [3_000_000_000, 3_000_000_000, 4_000_000_000]  # Table 1
+    assert (cfg.train.epochs, cfg.train.warmup_steps, cfg.train.weight_decay, cfg.train.grad_clip) == (1, 40, 0.0, 1.0)
+    assert (cfg.train.processes, cfg.resources.train.gpu, cfg.train.distributed) == (8, 8, "fsdp")
 
 
 def test_interpolations_follow_overrides():

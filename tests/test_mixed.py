@@ -104,3 +104,30 @@ def test_labels_never_cross_documents():
     assert mixed.causal_lm_labels(ids, mixed.document_ids(pos)).tolist() == [[11, 12, -100, 21, -100]]
     with pytest.raises(ValueError, match=r"document lengths must be positive, got \[3, 0\]"):
         mixed.document_position_ids([3, 0])
+
+
+def test_label_weights_follow_the_predicted_token():
+    pos = mixed.document_position_ids([3, 2])[None]
+    ids = torch.tensor([[10, 11, 12, 20, 21]])
+    labels = mixed.causal_lm_labels(ids, mixed.document_ids(pos))
+    loss_weight = torch.tensor([[1.0, 1.0, 2.0, 1.0, 2.0]])  # tokens 12 and 21 are answers
+    # label t predicts token t+1: weight of the predicted token, 0 where there is no target
+    assert mixed.label_weights(loss_weight, labels).tolist() == [[1.0, 2.0, 0.0, 2.0, 0.0]]
+
+
+def test_weighted_chunked_loss_equals_a_hand_weighted_full_loss(base):
+    ids = _docs(base.config.vocab_size, [80], seed=2)[0][None]
+    labels = mixed.causal_lm_labels(ids)
+    loss_weight = torch.ones(ids.shape)
+    loss_weight[0, 60:70] = 3.0
+    weights = mixed.label_weights(loss_weight, labels)
+    with torch.no_grad():
+        logits = base(input_ids=ids).logits[0, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
+        expected = float((nll * loss_weight[0, 1:]).sum() / loss_weight[0, 1:].sum())
+        hidden = base.model(input_ids=ids).last_hidden_state
+        total, denom = mixed.chunked_causal_lm_loss(hidden, base.get_output_embeddings(), labels, 17, weights)
+    assert denom == pytest.approx(79 + 2 * 10)
+    assert float(total) / denom == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match=r"weights \(1, 79\) and labels \(1, 80\) disagree"):
+        mixed.chunked_causal_lm_loss(hidden, base.get_output_embeddings(), labels, 17, weights[:, :-1])

@@ -25,7 +25,7 @@ def _cfg(tmp_path, model_dir, folder, *extra):
 def _load(out):
     folder = out / "needle_data"
     meta = json.loads((folder / "needle_data.json").read_text())
-    return meta, {s: torch.load(folder / f"{s}.pt") for s in ("search", "validation")}
+    return meta, {s: torch.load(folder / f"{s}.pt") for s in ("search", "validation", "validation_short")}
 
 
 def test_samples_are_exact_answer_only_and_decode_to_the_template(tmp_path, toy_model_dir, book_folder):
@@ -36,14 +36,16 @@ def test_samples_are_exact_answer_only_and_decode_to_the_template(tmp_path, toy_
     template = needle_template(cfg)
     assert meta["search"]["books"] == [str(book_folder / f"book_{i}.txt") for i in range(3)]
     assert meta["validation"]["books"] == [str(book_folder / f"book_{i}.txt") for i in (3, 4)]
-    for split, n in (("search", 9), ("validation", 4)):
+    assert meta["validation_short"]["books"] == meta["validation"]["books"]  # the within-window check
+    assert (meta["validation"]["length"], meta["validation_short"]["length"]) == (256, 128)
+    for split, n, length in (("search", 9, 256), ("validation", 4, 256), ("validation_short", 4, 128)):
         t = sets[split]
-        assert t["input_ids"].shape == t["answer_mask"].shape == t["plain_ids"].shape == (n, 256)
+        assert t["input_ids"].shape == t["answer_mask"].shape == t["plain_ids"].shape == (n, length)
         for i, m in enumerate(meta[split]["meta"]):
             ids, mask = t["input_ids"][i].tolist(), t["answer_mask"][i]
             # The answer is inside the window, at its end, and is the only scored span.
             positions = torch.nonzero(mask).flatten().tolist()
-            assert positions == list(range(256 - m["answer_tokens"], 256))
+            assert positions == list(range(length - m["answer_tokens"], length))
             assert tok.decode([ids[p] for p in positions]).strip() == m["number"]
             text = tok.decode(ids, skip_special_tokens=True)
             assert template.needle.format(key=m["key"], number=m["number"]) in text
@@ -90,4 +92,5 @@ def test_no_validation_set_when_its_size_is_zero(tmp_path, toy_model_dir, book_f
     needle_data.run(_cfg(tmp_path, toy_model_dir, book_folder, "data.search_set.validation_samples=0"))
     folder = tmp_path / "out" / "needle_data"
     assert (folder / "search.pt").is_file() and not (folder / "validation.pt").exists()
+    assert not (folder / "validation_short.pt").exists()
     assert "validation" not in json.loads((folder / "needle_data.json").read_text())

@@ -78,22 +78,3 @@ def test_unknown_pretrain_setting_names_the_accepted_ones(tmp_path):
     assert proc.returncode == 2
     assert "model.pretrain.max_stepz: unknown setting; accepted: enabled," in proc.stderr
     assert "max_steps" in proc.stderr
-
-
-def test_toy_base_model_passes_the_gate_with_the_recorded_figures(tmp_path):
-    """The real toy recipe (~1.5 min): a base that retrieves in its window, is not position-
-    fragile, collapses at 8x without scaling, and is bit-for-bit the recorded one."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "longrope2.pretrain", "experiment=toy", "tracking.enabled=false",
-         f"out_dir={tmp_path}"],
-        cwd=REPO, capture_output=True, text=True, timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads((tmp_path / "pretrain" / "gate.json").read_text())
-    metrics = report["metrics"]
-    assert metrics["passed"] and metrics["em_1x"] >= 0.95 and metrics["fragility_em"] >= 0.7
-    assert metrics["em_8x"] <= 0.2
-    golden = json.loads((GOLDEN_DIR / "toy_pretrain.json").read_text())
-    assert report["seed"] == golden["seed"]
-    for key, value in golden["metrics"].items():
-        assert metrics[key] == pytest.approx(value, rel=1e-3, abs=1e-3), key

@@ -8,10 +8,10 @@ import pytest
 from conftest import run_snakemake
 
 EXPERIMENT_RULES = {
-    "toy": {"pretrain", "critical_dim", "needle_data", "search", "train_data", "all"},
-    "smoke": {"pretrain", "critical_dim", "needle_data", "search", "train_data", "all"},
-    "llama3_8b_128k": {"critical_dim", "needle_data", "search", "train_data", "all"},
-    "phi3_mini_128k": {"critical_dim", "needle_data", "search", "train_data", "all"},
+    "toy": {"pretrain", "critical_dim", "needle_data", "search", "train_data", "train", "all"},
+    "smoke": {"pretrain", "critical_dim", "needle_data", "search", "train_data", "train", "all"},
+    "llama3_8b_128k": {"critical_dim", "needle_data", "search", "train_data", "train", "all"},
+    "phi3_mini_128k": {"critical_dim", "needle_data", "search", "train_data", "train", "all"},
 }
 
 
@@ -37,15 +37,17 @@ def test_dry_run_with_the_slurm_profile_from_the_repo_root(experiment, tmp_path)
         "overrides=[cluster.partition=gpu-long, cluster.account=proj42]",
     )
     assert proc.returncode == 0, proc.stderr + proc.stdout
-    assert "Using profile slurm" in proc.stdout + proc.stderr
+    # the slurm profile, and the workflow profile (rerun triggers) with it
+    assert "Using profiles slurm and workflow specific profile profiles/default" in proc.stdout + proc.stderr
     assert planned_rules(proc.stdout) == EXPERIMENT_RULES[experiment]
     assert "slurm_partition=gpu-long" in proc.stdout and "slurm_account=proj42" in proc.stdout
     # every job gets the same overrides
     assert f"-m longrope2.critical_dim experiment={experiment}" in proc.stdout
     if experiment != "toy":  # the search takes 8 GPUs, one torchrun process each
         assert "gpu=8" in proc.stdout
-        assert (f"-m torch.distributed.run --standalone --nproc_per_node 8 -m longrope2.search "
-                f"experiment={experiment}") in proc.stdout
+        for stage in ("search", "train"):  # and the fine-tuning: 8 GPUs, FSDP
+            assert (f"-m torch.distributed.run --standalone --nproc_per_node 8 -m longrope2.{stage} "
+                    f"experiment={experiment}") in proc.stdout
 
 
 def test_bad_config_fails_before_any_job(tmp_path):
@@ -61,7 +63,8 @@ def test_bad_config_fails_before_any_job(tmp_path):
 def test_unknown_experiment_names_the_choices(tmp_path):
     proc = run_snakemake("-n", "--config", "experiment=llama4", cwd=tmp_path)
     assert proc.returncode != 0
-    assert "experiment='llama4' is not a known experiment; accepted: llama3_8b_128k, phi3_mini_128k, smoke, toy" in proc.stderr + proc.stdout
+    assert ("experiment='llama4' is not a known experiment; accepted: llama3_8b_128k, phi3_mini_128k, smoke, "
+            "toy") in proc.stderr + proc.stdout
 
 
 def test_unreachable_tracking_store_stops_before_compute(tmp_path):
@@ -104,7 +107,7 @@ def test_smoke_end_to_end_with_tracking(tmp_path):
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = {r.data.tags["stage"]: r for r in runs if "mlflow.parentRunId" in r.data.tags}
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    assert set(children) == {"pretrain", "critical_dim", "needle_data", "search", "train_data"}
+    assert set(children) == {"pretrain", "critical_dim", "needle_data", "search", "train_data", "train"}
     for child in children.values():
         assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         assert child.info.status == "FINISHED"
@@ -118,11 +121,23 @@ def test_smoke_end_to_end_with_tracking(tmp_path):
     assert len(client.get_metric_history(search_run, "best_fitness")) == 3 + 1  # 3 iterations, then the final
     assert {"result.json", "rope_parameters.json", "factors.png"} <= {
         a.path for a in client.list_artifacts(search_run)}
-    assert elapsed < 120, f"smoke run took {elapsed:.0f} s"
+    train_run = children["train"]
+    assert len(client.get_metric_history(train_run.info.run_id, "loss")) == 2  # 2 steps
+    assert {"train.json", "loss.csv", "validation.json"} <= {
+        a.path for a in client.list_artifacts(train_run.info.run_id)}
+    tuned = out / "train" / "longrope2"
+    assert json.loads((tuned / "model" / "config.json").read_text())["rope_parameters"]["rope_type"] == "longrope"
+    assert (out / "logs" / "train-longrope2.log").stat().st_size > 0
+    assert elapsed < 150, f"smoke run took {elapsed:.0f} s"
 
     # A second invocation has nothing to do.
     again = run_snakemake("-n", "--config", "experiment=smoke", cwd=tmp_path)
     assert "Nothing to be done" in again.stdout + again.stderr
+    # An override only the fine-tuning reads reruns the fine-tuning only (not pretraining or search).
+    for override in ("train.mixed_window=false", "train.lr=0.002"):
+        plan = run_snakemake("-n", "--config", "experiment=smoke", f"overrides=[{override}]", cwd=tmp_path)
+        assert plan.returncode == 0, plan.stderr
+        assert planned_rules(plan.stdout) == {"train", "all"}, (override, plan.stdout[-2000:])
 
 
 def test_tracking_can_be_switched_off(tmp_path, tiny_hf_model_dir):

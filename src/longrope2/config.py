@@ -164,6 +164,7 @@ def semantic_errors(data: Mapping[str, Any]) -> list[str]:
         )
     lines += _search_errors(data)
     lines += _length_mix_errors(data)
+    lines += _train_errors(data)
     return lines
 
 
@@ -192,6 +193,22 @@ def _search_errors(data: Mapping[str, Any]) -> list[str]:
     if gpus and s["processes"] != gpus:
         lines.append(f"search.processes = {s['processes']}: accepted: resources.search.gpu = {gpus} "
                      "(one search process per GPU)")
+    return lines
+
+
+def _train_errors(data: Mapping[str, Any]) -> list[str]:
+    t, lines = data["train"], []
+    gpus = data["resources"].get("train", {}).get("gpu", 0)
+    if gpus and t["processes"] != gpus:
+        lines.append(f"train.processes = {t['processes']}: accepted: resources.train.gpu = {gpus} "
+                     "(one training process per GPU)")
+    if t["global_batch"] % t["processes"]:
+        lines.append(f"train.global_batch = {t['global_batch']}: accepted: a multiple of train.processes "
+                     f"= {t['processes']}")
+    if t["attn_implementation"] != "sdpa" and t["long_row_attention"] == "per_document":
+        lines.append(f"train.long_row_attention = per_document: accepted with train.attn_implementation = sdpa "
+                     f"only (got {t['attn_implementation']}: flash attention finds documents from restarting "
+                     "positions, which long rows do not have)")
     return lines
 
 

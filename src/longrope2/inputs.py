@@ -70,7 +70,7 @@ def load_needle_sets(folder: Path) -> dict[str, tuple[list[NeedleSample], torch.
     """Every needle set stage needle_data wrote: split -> (samples, plain_ids); a size-0 split is absent."""
     meta = json.loads((folder / "needle_data.json").read_text())
     sets = {}
-    for split in ("search", "validation"):
+    for split in ("search", "validation", "validation_short"):
         if split in meta:
             tensors = torch.load(folder / f"{split}.pt", weights_only=True)
             sets[split] = unstack_samples(tensors, meta[split]["meta"]), tensors["plain_ids"]

@@ -72,24 +72,42 @@ def uses_long_rope(position_ids: Tensor, train_len: int) -> bool:
     return int(position_ids.max()) + 1 > train_len
 
 
-def _chunk_nll(head: nn.Module, hidden: Tensor, labels: Tensor) -> Tensor:
+def label_weights(loss_weight: Tensor, labels: Tensor) -> Tensor:
+    """Weight of each label: the weight of the token it predicts (label[t] = token t+1), 0 where no target.
+
+    loss_weight (B, L) is per token (the toy's answer tokens weigh more); the result (B, L) float32.
+    """
+    w = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
+    w[..., :-1] = loss_weight[..., 1:].float()
+    return w.masked_fill(labels == IGNORE_INDEX, 0.0)
+
+
+def _chunk_nll(head: nn.Module, hidden: Tensor, labels: Tensor, weights: Tensor | None) -> Tensor:
     logits = head(hidden).float()  # (B, chunk, V): lives only inside this chunk
-    return nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    nll = nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
+    return (nll * weights).sum() if weights is not None else nll.sum()
 
 
-def chunked_causal_lm_loss(hidden: Tensor, head: nn.Module, labels: Tensor, chunk: int = 1024) -> tuple[Tensor, int]:
+def chunked_causal_lm_loss(hidden: Tensor, head: nn.Module, labels: Tensor, chunk: int = 1024,
+                           weights: Tensor | None = None) -> tuple[Tensor, float]:
     """(sum of token NLLs, number of scored tokens) for hidden (B, L, H) and labels (B, L).
 
+    With ``weights`` (B, L) (see :func:`label_weights`): (sum of weight x NLL, sum of weights).
     Each chunk of positions goes through the LM head under activation checkpointing, so its
     logits are freed after the forward and recomputed in the backward: at most
-    B x chunk x vocab logits exist at once. Divide by the count for the token-mean loss.
+    B x chunk x vocab logits exist at once. Divide the sum by the second number for the
+    token-mean (weighted-mean) loss.
     """
     if hidden.shape[:2] != labels.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} disagree")
+    if weights is not None and weights.shape != labels.shape:
+        raise ValueError(f"weights {tuple(weights.shape)} and labels {tuple(labels.shape)} disagree")
     total = hidden.new_zeros((), dtype=torch.float32)
     for t in range(0, hidden.shape[1], chunk):
         h, y = hidden[:, t : t + chunk], labels[:, t : t + chunk]
+        w = weights[:, t : t + chunk] if weights is not None else None
         if bool((y != IGNORE_INDEX).any()):
-            total = total + (checkpoint(_chunk_nll, head, h, y, use_reentrant=False)
-                             if torch.is_grad_enabled() else _chunk_nll(head, h, y))
-    return total, int((labels != IGNORE_INDEX).sum())
+            total = total + (checkpoint(_chunk_nll, head, h, y, w, use_reentrant=False)
+                             if torch.is_grad_enabled() else _chunk_nll(head, h, y, w))
+    denom = float(weights.sum()) if weights is not None else float((labels != IGNORE_INDEX).sum())
+    return total, denom

@@ -4,8 +4,10 @@ In:  the experiment's long documents (data.corpus; with a held-out split, as for
      documents pretraining never saw), the tokenizer of model.path, data.needle (template, digits,
      depths), data.search_set (books, samples, validation_books, validation_samples), target_len, seed.
 Out: <out_dir>/needle_data/search.pt and validation.pt (tensors: input_ids and answer_mask (n, L),
-     plain_ids (n, L): the same text without the needle, for the plain-PPL ablation) and
-     needle_data.json (every sample's book, key, number, depth, start; the set sizes).
+     plain_ids (n, L): the same text without the needle, for the plain-PPL ablation),
+     validation_short.pt (the same from the validation books at L_train tokens: the within-window
+     check of the fine-tuned model) and needle_data.json (every sample's book, key, number, depth,
+     start; the set sizes).
 
 Sample k of a set comes from book k mod books, with the needle at depth depths[(k // books) mod
 len(depths)]: 10 books x 10 samples at depths [0.0, ...] is the paper's set (needle at the start of
@@ -30,7 +32,7 @@ from longrope2.needle import NeedleTemplate, build_needle_sample, stack_samples
 from longrope2.outputs import atomic_dir, write_json
 from longrope2.tracking import stage_run
 
-SPLITS = ("search", "validation")
+SPLITS = ("search", "validation", "validation_short")
 
 
 def select_books(cfg: DictConfig) -> dict[str, list[tuple[str, str]]]:
@@ -48,7 +50,8 @@ def select_books(cfg: DictConfig) -> dict[str, list[tuple[str, str]]]:
             f"data.search_set: the {where} has {len(docs)} documents; accepted: at least "
             f"books + validation_books = {books} + {val_books} = {books + val_books}"
         )
-    return {"search": docs[:books], "validation": docs[books : books + val_books]}
+    validation = docs[books : books + val_books]
+    return {"search": docs[:books], "validation": validation, "validation_short": validation}
 
 
 def tokenize_books(tokenizer: Any, books: list[tuple[str, str]], length: int) -> list[tuple[str, list[int]]]:
@@ -96,7 +99,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cfg.out_dir) / "needle_data"
     length, seed = int(cfg.target_len), int(cfg.seed)
     s = cfg.data.search_set
-    sizes = {"search": int(s.samples), "validation": int(s.validation_samples)}
+    sizes = {"search": int(s.samples), "validation": int(s.validation_samples),
+             "validation_short": int(s.validation_samples)}
+    lengths = {"search": length, "validation": length, "validation_short": int(cfg.model.train_len)}
     # Every input check (tokenizer, corpus, book lengths) before any sample is built.
     tokenizer = load_tokenizer(str(cfg.model.path))
     template = needle_template(cfg)
@@ -109,12 +114,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             for split in SPLITS:
                 if not sizes[split]:
                     continue
-                rng = random.Random(f"needle_data/{split}/{seed}/{length}")
-                tensors, meta = build_set(tokenizer, books[split], template, length, sizes[split],
+                rng = random.Random(f"needle_data/{split}/{seed}/{lengths[split]}")
+                tensors, meta = build_set(tokenizer, books[split], template, lengths[split], sizes[split],
                                           list(cfg.data.needle.depths), rng)
                 torch.save(tensors, scratch / f"{split}.pt")
-                summary[split] = {"samples": sizes[split], "books": [name for name, _ in books[split]],
-                                  "meta": meta}
+                summary[split] = {"samples": sizes[split], "length": lengths[split],
+                                  "books": [name for name, _ in books[split]], "meta": meta}
             write_json(scratch / "needle_data.json", summary)
         tracker.log_metrics({f"{split}_samples": n for split, n in sizes.items()})
         tracker.log_artifact(out / "needle_data.json")

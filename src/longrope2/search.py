@@ -399,7 +399,8 @@ def _run(cfg: DictConfig, workers: Workers) -> dict[str, Any]:
         scaling = evaluator.scaling(best_ind)
         if not workers.main:
             return {}
-        sets = {split: samples for split, (samples, _) in needle_sets.items()}
+        # Samples longer than L_train only: the long path is what the search chose.
+        sets = {split: samples for split, (samples, _) in needle_sets.items() if split in ("search", "validation")}
         result = write_outputs(cfg, out, model, facts, dims, sets, state, best_ind, best_fit, scaling, tracker)
     return result
 

@@ -18,6 +18,8 @@ OUT = CFG.out_dir
 # Braces doubled: Snakemake formats shell commands.
 HYDRA_ARGS = " ".join(shlex.quote(o) for o in OVERRIDES).replace("{", "{{").replace("}", "}}")
 PRETRAIN = bool(CFG.model.pretrain.enabled)
+# train.mixed_window=false (Table 7) writes beside the default, not over it.
+TRAIN_VARIANT = "longrope2" if CFG.train.mixed_window else "longrope2_no_mixed"
 
 
 def stage_cmd(stage, processes=1):

@@ -7,13 +7,15 @@ rule needle_data:
     output:
         search=f"{OUT}/needle_data/search.pt",
         validation=(
-            [f"{OUT}/needle_data/validation.pt"] if CFG.data.search_set.validation_samples else []
+            [f"{OUT}/needle_data/validation.pt", f"{OUT}/needle_data/validation_short.pt"]
+            if CFG.data.search_set.validation_samples
+            else []
         ),
         meta=f"{OUT}/needle_data/needle_data.json",
     log:
         f"{OUT}/logs/needle_data.log",
     params:
-        cfg=stage_params("model", "data", "target_len", "seed"),
+        cfg=stage_params("model", "data.corpus", "data.needle", "data.search_set", "target_len", "seed"),
     threads: CFG.resources.needle_data.cpus
     resources:
         **rule_resources("needle_data"),

@@ -9,7 +9,9 @@ rule train_data:
     log:
         f"{OUT}/logs/train_data.log",
     params:
-        cfg=stage_params("model", "data", "train.length_mix", "target_len", "seed"),
+        cfg=stage_params(
+            "model", "data.corpus", "data.needle", "data.train_set", "train.length_mix", "target_len", "seed"
+        ),
     threads: CFG.resources.train_data.cpus
     resources:
         **rule_resources("train_data"),

@@ -1,0 +1,127 @@
+"""Training throughput: packed mixed rows (the train stage) against padding every document to L.
+
+Same model, same documents, same optimiser-free forward + backward (the chunked loss), side by
+side in one run. Packed: a short row holds several documents of <= L_train tokens in L tokens
+(per-document causal mask, positions restarting); long rows as they are. Padded: every document
+of a short row becomes its own row of L tokens, padded (padding masked out of attention and
+loss); long rows unchanged. Throughput counts real (non-padding) tokens per second.
+
+    python benchmarks/train_throughput.py                       # the toy's rows and base model
+    python benchmarks/train_throughput.py --rows 16 --threads 2 --json out.json
+
+Needs results/toy/train_data and results/toy/base_model (`snakemake --cores 2 train_data`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from longrope2 import mixed
+from longrope2.train import ChunkedLossLM, Rows
+
+
+def padded_documents(row: dict[str, torch.Tensor], length: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
+    """Each document of a packed short row alone in a row of ``length`` tokens, right-padded."""
+    out = []
+    for d in row["doc_ids"].unique().tolist():
+        sel = row["doc_ids"] == d
+        n = int(sel.sum())
+        ids = torch.full((length,), pad_id, dtype=torch.long)
+        ids[:n] = row["input_ids"][sel]
+        weight = torch.zeros(length)
+        weight[:n] = row["loss_weight"][sel]
+        keep = torch.zeros(length, dtype=torch.bool)
+        keep[:n] = True
+        out.append({"input_ids": ids, "keep": keep, "loss_weight": weight, "real": n})
+    return out
+
+
+def step(model: ChunkedLossLM, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, labels: torch.Tensor,
+         weights: torch.Tensor) -> None:
+    total, denom = model(ids, pos, mask, labels, weights)
+    (total / denom).backward()
+
+
+def run_packed(model: ChunkedLossLM, rows: dict[str, torch.Tensor]) -> tuple[float, int]:
+    t0, real = time.perf_counter(), 0
+    for i in range(rows["input_ids"].shape[0]):
+        r = {k: v[i : i + 1] for k, v in rows.items()}
+        long = bool(r["is_long"][0])
+        labels = mixed.causal_lm_labels(r["input_ids"], None if long else r["doc_ids"])
+        weights = mixed.label_weights(r["loss_weight"], labels)
+        mask = None if long else mixed.document_causal_mask(r["doc_ids"])
+        step(model, r["input_ids"], r["position_ids"], mask, labels, weights)
+        real += r["input_ids"].numel()
+    return time.perf_counter() - t0, real
+
+
+def run_padded(model: ChunkedLossLM, rows: dict[str, torch.Tensor], pad_id: int) -> tuple[float, int, int]:
+    length = rows["input_ids"].shape[1]
+    t0, real, padded_rows = time.perf_counter(), 0, 0
+    for i in range(rows["input_ids"].shape[0]):
+        r = {k: v[i] for k, v in rows.items()}
+        if bool(r["is_long"]):
+            labels = mixed.causal_lm_labels(r["input_ids"][None])
+            step(model, r["input_ids"][None], r["position_ids"][None], None, labels,
+                 mixed.label_weights(r["loss_weight"][None], labels))
+            real += length
+            padded_rows += 1
+            continue
+        for doc in padded_documents(r, length, pad_id):
+            ids = doc["input_ids"][None]
+            labels = mixed.causal_lm_labels(ids)
+            labels[0, doc["real"] - 1 :] = mixed.IGNORE_INDEX  # nothing predicted from or into padding
+            mask = doc["keep"][None].long()  # 2D padding mask: transformers builds the causal part
+            weights = mixed.label_weights(doc["loss_weight"][None], labels)
+            step(model, ids, torch.arange(length)[None], mask, labels, weights)
+            real += doc["real"]
+            padded_rows += 1
+    return time.perf_counter() - t0, real, padded_rows
+
+
+def main() -> None:
+    from transformers import AutoModelForCausalLM
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--results", type=Path, default=Path("results/toy"))
+    p.add_argument("--rows", type=int, default=8, help="short rows and long rows each")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    data = Rows(args.results / "train_data")
+    short = [j for j in range(len(data)) if not bool(data.get([j])["is_long"][0])][: args.rows]
+    long = [j for j in range(len(data)) if bool(data.get([j])["is_long"][0])][: args.rows]
+    rows = data.get(short + long)
+    lm = AutoModelForCausalLM.from_pretrained(args.results / "base_model", dtype=torch.float32,
+                                              attn_implementation="sdpa")
+    model = ChunkedLossLM(lm, 1024).train()
+    pad_id = int(lm.config.pad_token_id if lm.config.pad_token_id is not None else 0)
+    run_packed(model, {k: v[:2] for k, v in rows.items()})  # warm-up
+    t_packed, real_packed = run_packed(model, rows)
+    t_padded, real_padded, padded_rows = run_padded(model, rows, pad_id)
+    assert real_packed == real_padded, (real_packed, real_padded)
+    result = {
+        "model": str(args.results / "base_model"), "row_length": data.length, "short_rows": len(short),
+        "long_rows": len(long), "threads": args.threads, "real_tokens": real_packed,
+        "packed": {"rows": len(short) + len(long), "seconds": t_packed, "tokens_per_s": real_packed / t_packed},
+        "padded": {"rows": padded_rows, "seconds": t_padded, "tokens_per_s": real_padded / t_padded},
+        "speedup": t_padded / t_packed,
+    }
+    print(f"{result['real_tokens']} real tokens ({len(short)} short + {len(long)} long rows of {data.length}), "
+          f"{args.threads} thread(s), forward + backward:")
+    for name in ("packed", "padded"):
+        r = result[name]
+        print(f"  {name:7s} {r['rows']:5d} rows  {r['seconds']:8.2f} s  {r['tokens_per_s']:10.0f} real tokens/s")
+    print(f"  packed is {result['speedup']:.2f}x faster")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,532 @@
+"""Stage `train`: mixed context window fine-tuning (spec §5), then the model as a Hugging Face checkpoint.
+
+In:  the base model (model.path), the searched factors (<out_dir>/search/rope_parameters.json), the rows of
+     stage train_data, the held-out needle sets of stage needle_data, train.* (optimiser, schedule, batch,
+     the mixed-window switch, execution).
+Out: <out_dir>/train/<variant>/ (variant: longrope2, or longrope2_no_mixed with train.mixed_window=false)
+       model/            a standard model directory: weights, tokenizer, config with rope_parameters
+                         {rope_type: longrope, short_factor ones (no_mixed: = long_factor), long_factor,
+                         original_max_position_embeddings L_train, attention_factor}, max_position_embeddings L
+       loss.csv          per step: loss (all rows), short_loss, long_loss, lr, grad_norm, tokens/s
+       loss.png          the loss curves
+       validation.json   held-out needle exact match and needle-PPL at L_train and at L: the base model
+                         (original RoPE) against this model loaded back with from_pretrained
+       train.json        steps, rows, tokens, wall time, throughput, the factors, the variant
+     Checkpoints every train.checkpoint_every steps in <out_dir>/checkpoints/train-<variant>-<hash>/
+     (accelerate's save_state: weights, AdamW, schedule): a killed run resumes at the last one and
+     continues the same loss curve; they are deleted once the outputs are written.
+
+The model is the base model with its config's rope_parameters set to the searched longrope factors, so
+every forward pass uses transformers' own switch: long factors iff max(position_ids) + 1 > L_train.
+Short rows (documents packed, positions restarting per document) therefore use the short factors (ones)
+and long rows (positions 0 ... L-1) the long ones; short and long rows go in separate forward passes.
+transformers' longrope multiplies cos/sin by the attention factor on BOTH paths (as Phi-3 does), so the
+fine-tuning trains the short path exactly as the exported model will run it. train.mixed_window=false
+(Table 7) sets short_factor = long_factor: every row then uses the rescaled RoPE.
+
+Loss: the weighted token mean over every scored token of the global batch (answer tokens of the toy's
+exercises weigh data.train_set.answer_loss_weight, others 1; labels never cross documents of a short
+row). Each process scales its sum by world / global weight, so that DDP's gradient average equals the
+one-process gradient: N processes give the loss curve of 1 (gloo on CPUs, NCCL on GPUs).
+
+    python -m longrope2.train experiment=toy
+    torchrun --standalone --nproc_per_node 8 -m longrope2.train experiment=llama3_8b_128k ...
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from longrope2 import mixed  # noqa: E402
+from longrope2.config import ConfigError, hydra_stage, to_dict  # noqa: E402
+from longrope2.inputs import load_needle_sets, load_tokenizer  # noqa: E402
+from longrope2.needle import needle_sample_losses  # noqa: E402
+from longrope2.outputs import atomic_dir, save_figure, write_json  # noqa: E402
+from longrope2.scaling import RopeFacts, RopeScaling, rope_facts_from_hf_config  # noqa: E402
+from longrope2.toy import torch_threads  # noqa: E402
+from longrope2.tracking import StageRun, stage_run  # noqa: E402
+
+STATE_VERSION = 1
+SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+LOSS_FIELDS = ["step", "loss", "short_loss", "long_loss", "lr", "grad_norm", "tokens", "tokens_per_s", "wall_s"]
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient: the run stops and keeps its last good checkpoint."""
+
+
+def variant_name(cfg: DictConfig) -> str:
+    return "longrope2" if bool(cfg.train.mixed_window) else "longrope2_no_mixed"
+
+
+# --------------------------------------------------------------------------- rows
+
+
+class Rows:
+    """The train_data rows, shard by shard (memory-mapped): row j of the whole set by index."""
+
+    def __init__(self, folder: Path) -> None:
+        meta_path = folder / "train_data.json"
+        if not meta_path.is_file():
+            raise ConfigError(f"{folder}: no train_data.json; run stage train_data first")
+        self.meta = json.loads(meta_path.read_text())
+        self.shards = [torch.load(folder / name, mmap=True, weights_only=True) for name in self.meta["shards"]]
+        self.offsets = [0]
+        for shard in self.shards:
+            self.offsets.append(self.offsets[-1] + shard["input_ids"].shape[0])
+        self.length = int(self.meta["target_len"])
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def get(self, indices: list[int]) -> dict[str, Tensor]:
+        """Rows (n, L) of input_ids, position_ids, doc_ids (int64), loss_weight (float32), is_long (n,)."""
+        out: dict[str, list[Tensor]] = {k: [] for k in ("input_ids", "position_ids", "doc_ids", "loss_weight",
+                                                         "is_long")}
+        for j in indices:
+            s = next(k for k in range(len(self.shards)) if self.offsets[k] <= j < self.offsets[k + 1])
+            for key in out:
+                out[key].append(self.shards[s][key][j - self.offsets[s]])
+        rows = {k: torch.stack(v) for k, v in out.items()}
+        for key in ("input_ids", "position_ids", "doc_ids"):
+            rows[key] = rows[key].long()
+        rows["loss_weight"] = rows["loss_weight"].float()
+        return rows
+
+
+def step_rows(n_rows: int, global_batch: int, step: int, seed: int) -> list[int]:
+    """The global batch of a step: a seeded permutation of the rows per epoch, consumed in order."""
+    out = []
+    for j in range(step * global_batch, (step + 1) * global_batch):
+        epoch, k = divmod(j, n_rows)
+        perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        out.append(int(perm[k]))
+    return out
+
+
+def row_targets(rows: dict[str, Tensor], per_document: bool) -> tuple[Tensor, Tensor]:
+    """labels and label weights (n, L): never across documents where attention is per document."""
+    labels = mixed.causal_lm_labels(rows["input_ids"], rows["doc_ids"] if per_document else None)
+    return labels, mixed.label_weights(rows["loss_weight"], labels)
+
+
+# --------------------------------------------------------------------------- model
+
+
+class ChunkedLossLM(nn.Module):
+    """A causal LM whose forward returns (sum of weight x NLL, sum of weights) through the chunked head.
+
+    One module, so DDP/FSDP see the whole forward (their gradient hooks are set up in it).
+    """
+
+    def __init__(self, lm: nn.Module, chunk: int) -> None:
+        super().__init__()
+        self.lm, self.chunk = lm, chunk
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor | None, labels: Tensor,
+                weights: Tensor) -> tuple[Tensor, float]:
+        hidden = self.lm.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                               use_cache=False).last_hidden_state  # (B, L, H)
+        return mixed.chunked_causal_lm_loss(hidden, self.lm.get_output_embeddings(), labels, self.chunk, weights)
+
+
+def extension_scaling(cfg: DictConfig, facts: RopeFacts, rope_parameters: dict[str, Any]) -> RopeScaling:
+    """The searched longrope factors; train.mixed_window=false: the long factors on the short path too."""
+    if rope_parameters.get("rope_type") != "longrope":
+        raise ConfigError(f"search/rope_parameters.json has rope_type {rope_parameters.get('rope_type')!r}; "
+                          "accepted: longrope (rerun stage search)")
+    long = rope_parameters["long_factor"]
+    short = None if bool(cfg.train.mixed_window) else long
+    return RopeScaling.longrope(facts, int(cfg.target_len), long, float(rope_parameters["attention_factor"]),
+                                short_factor=short)
+
+
+def load_base(cfg: DictConfig, attn: str, dtype: torch.dtype) -> tuple[nn.Module, RopeFacts]:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(cfg.model.path), dtype=dtype, attn_implementation=attn)
+    except (OSError, ValueError, ImportError) as err:
+        raise ConfigError(f"model.path = {cfg.model.path!r} (train.attn_implementation = {attn!r}): cannot load "
+                          f"a causal LM ({err})") from None
+    # The experiment's L_train wins over the config's window (Phi3-mini is extended from 2k, not 4k).
+    facts = dataclasses.replace(rope_facts_from_hf_config(model.config), train_len=int(cfg.model.train_len))
+    return model, facts
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def check_config(cfg: DictConfig, world: int, rows: Rows) -> None:
+    t = cfg.train
+    if int(t.global_batch) % world:
+        raise ConfigError(f"train.global_batch = {t.global_batch}: accepted: a multiple of the number of "
+                          f"processes ({world})")
+    if rows.length != int(cfg.target_len):
+        raise ConfigError(f"target_len = {cfg.target_len} but the train_data rows have {rows.length} tokens: "
+                          "rerun stage train_data")
+    if len(rows) * int(t.epochs) < int(t.global_batch):
+        raise ConfigError(f"train.global_batch = {t.global_batch}: accepted: at most rows x epochs = "
+                          f"{len(rows)} x {t.epochs} (stage train_data made {len(rows)} rows)")
+
+
+def fingerprint(cfg: DictConfig) -> str:
+    """Everything that shapes the loss curve: a changed setting or input starts a fresh run."""
+    data = to_dict(cfg)
+    knobs = {k: v for k, v in data["train"].items()
+             if k not in ("processes", "num_threads", "checkpoint_every", "log_every", "validation_batch_size")}
+    digest = hashlib.sha256(json.dumps({"train": knobs, "seed": data["seed"], "target_len": data["target_len"],
+                                        "model": str(cfg.model.path)}, sort_keys=True).encode())
+    out = Path(cfg.out_dir)
+    for path in (out / "search" / "rope_parameters.json", out / "train_data" / "train_data.json"):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- one step
+
+
+def micro_batches(rows: dict[str, Tensor], micro: int) -> Iterator[tuple[bool, dict[str, Tensor]]]:
+    """The local rows by kind (short rows, then long rows), ``micro`` rows per forward pass."""
+    for is_long in (False, True):
+        idx = (rows["is_long"] == is_long).nonzero().flatten()
+        for b in range(0, len(idx), micro):
+            take = idx[b : b + micro]
+            yield is_long, {k: v[take] for k, v in rows.items()}
+
+
+def forward_inputs(batch: dict[str, Tensor], is_long: bool, cfg: DictConfig, dtype: torch.dtype,
+                   device: torch.device) -> dict[str, Tensor | None]:
+    per_document = not is_long or str(cfg.train.long_row_attention) == "per_document"
+    labels, weights = row_targets(batch, per_document)
+    mask = None
+    if per_document and str(cfg.train.attn_implementation) == "sdpa":
+        mask = mixed.document_causal_mask(batch["doc_ids"], dtype).to(device)
+    # flash attention: no mask; transformers reads the documents from the restarting position_ids.
+    return {"input_ids": batch["input_ids"].to(device), "position_ids": batch["position_ids"].to(device),
+            "attention_mask": mask, "labels": labels.to(device), "weights": weights.to(device)}
+
+
+def train_step(accelerator: Any, model: nn.Module, rows: dict[str, Tensor], cfg: DictConfig, dtype: torch.dtype,
+               global_weight: float) -> dict[str, float]:
+    """Forward and backward of this process's rows; returns its (short, long) weighted NLL sums and weights."""
+    sums = torch.zeros(4, dtype=torch.float64)  # short sum, short weight, long sum, long weight
+    parts = list(micro_batches(rows, int(cfg.train.micro_batch)))
+    scale = accelerator.num_processes / global_weight
+    for i, (is_long, batch) in enumerate(parts):
+        inputs = forward_inputs(batch, is_long, cfg, dtype, accelerator.device)
+        last = i == len(parts) - 1
+        sync = accelerator.no_sync(model) if not last else _null()
+        with sync:
+            total, weight = model(**inputs)
+            accelerator.backward(total * scale)
+        k = 2 if is_long else 0
+        sums[k] += float(total.detach())
+        sums[k + 1] += weight
+    return sums
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    done = sorted(p for p in folder.glob("step-*") if (p / "trainer.json").is_file())
+    return done[-1] if done else None
+
+
+def save_checkpoint(accelerator: Any, folder: Path, step: int, history: list[dict[str, Any]], wall: float) -> None:
+    """accelerate's save_state into a scratch folder, renamed when complete; older checkpoints removed."""
+    final = folder / f"step-{step:08d}"
+    scratch = folder / f".step-{step:08d}.partial"
+    if accelerator.is_main_process:
+        shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(scratch))
+    accelerator.wait_for_everyone()  # every process has written its part (its random states)
+    if accelerator.is_main_process:
+        write_json(scratch / "trainer.json", {"version": STATE_VERSION, "step": step, "history": history,
+                                              "wall_s": wall})
+        scratch.rename(final)
+        for old in folder.glob("step-*"):
+            if old != final:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def write_loss_csv(path: Path, history: list[dict[str, Any]]) -> None:
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=LOSS_FIELDS)
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def plot_loss(history: list[dict[str, Any]], variant: str, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    steps = [h["step"] for h in history]
+    for key, label in (("loss", "all rows"), ("short_loss", "short rows (short factors)"),
+                       ("long_loss", "long rows (long factors)")):
+        points = [(s, h[key]) for s, h in zip(steps, history) if h[key] == h[key]]  # skip NaN (no such rows)
+        if points:
+            ax.plot(*zip(*points), label=label, lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("weighted token-mean NLL")
+    ax.set_yscale("log")
+    ax.set_title(f"Mixed context window fine-tuning: {variant}")
+    ax.legend()
+    save_figure(fig, path)
+
+
+def export_model(accelerator: Any, model: nn.Module, tokenizer: Any, scaling: RopeScaling, cfg: DictConfig,
+                 folder: Path) -> None:
+    """The fine-tuned weights under the longrope config, as a plain transformers model directory."""
+    state = accelerator.get_state_dict(model)  # full weights on the main process (FSDP too)
+    if not accelerator.is_main_process:
+        return
+    lm = accelerator.unwrap_model(model).lm
+    scaling.update_hf_config(lm.config)
+    dtype = getattr(torch, str(cfg.model.dtype))
+    lm.config.dtype = dtype
+    weights = {k.removeprefix("lm."): v.to(dtype) for k, v in state.items()}
+    lm.save_pretrained(folder, state_dict=weights)
+    tokenizer.save_pretrained(folder)
+
+
+def validate(cfg: DictConfig, model_dir: Path, device: torch.device) -> dict[str, Any]:
+    """Held-out needle exact match / needle-PPL at L_train and at L: base (original RoPE) vs this model."""
+    from transformers import AutoModelForCausalLM
+
+    sets = load_needle_sets(Path(cfg.out_dir) / "needle_data")
+    chosen = {split: samples for split, (samples, _) in sets.items() if split in ("validation_short", "validation")}
+    if not chosen:
+        return {}
+    batch = int(cfg.train.validation_batch_size)
+    out: dict[str, Any] = {}
+    for name, path in (("base", str(cfg.model.path)), ("tuned", str(model_dir))):
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32 if device.type == "cpu" else None)
+        lm.to(device).eval()
+        for split, samples in chosen.items():
+            nll, em = needle_sample_losses(lm, samples, batch)
+            out.setdefault(name, {})[split] = {"length": samples[0].length, "samples": len(samples),
+                                               "needle_ppl": math.exp(sum(nll) / len(nll)),
+                                               "exact_match": sum(em) / len(em)}
+        del lm
+    if "validation_short" in chosen:
+        base_em = out["base"]["validation_short"]["exact_match"]
+        out["retention"] = (out["tuned"]["validation_short"]["exact_match"] / base_em) if base_em else None
+    return out
+
+
+# --------------------------------------------------------------------------- stage
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    with torch_threads(cfg.train.num_threads):
+        return _run(cfg)
+
+
+def make_accelerator(cfg: DictConfig) -> Any:
+    from accelerate import Accelerator
+
+    # accelerate logs every file of every checkpoint at INFO, and warns that the tied LM head is
+    # stored once (it is re-tied on loading): noise in the stage log.
+    logging.getLogger("accelerate").setLevel(logging.ERROR)
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    cuda = torch.cuda.is_available()
+    kw: dict[str, Any] = {"cpu": not cuda, "mixed_precision": "bf16" if cuda and cfg.train.bf16 else "no"}
+    if str(cfg.train.distributed) == "fsdp":
+        kw["fsdp_plugin"] = FullyShardedDataParallelPlugin(
+            fsdp_version=2, auto_wrap_policy="transformer_based_wrap", state_dict_type="FULL_STATE_DICT",
+            reshard_after_forward=True)
+    return Accelerator(**kw)
+
+
+def _run(cfg: DictConfig) -> dict[str, Any]:
+    from transformers import get_scheduler
+
+    out_root = Path(cfg.out_dir)
+    variant = variant_name(cfg)
+    out = out_root / "train" / variant
+    rows = Rows(out_root / "train_data")
+    rope_path = out_root / "search" / "rope_parameters.json"
+    if not rope_path.is_file():
+        raise ConfigError(f"{rope_path}: missing; run stage search first")
+    accelerator = make_accelerator(cfg)
+    check_config(cfg, accelerator.num_processes, rows)
+    tokenizer = load_tokenizer(str(cfg.model.path))
+    cuda = accelerator.device.type == "cuda"
+    dtype = torch.float32  # master weights; bf16 autocast on GPUs (accelerate's mixed precision)
+    lm, facts = load_base(cfg, str(cfg.train.attn_implementation), dtype)
+    scaling = extension_scaling(cfg, facts, json.loads(rope_path.read_text()))
+    scaling.apply_to_model(lm)  # config rope_parameters = longrope: transformers' own switch from here on
+    if bool(cfg.train.gradient_checkpointing):
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lm.config.use_cache = False
+    model = ChunkedLossLM(lm, int(cfg.train.loss_chunk))
+    model.train()
+
+    t = cfg.train
+    steps = len(rows) * int(t.epochs) // int(t.global_batch)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=float(t.lr), betas=tuple(float(b) for b in t.betas),
+                                  weight_decay=float(t.weight_decay))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    scheduler = get_scheduler(SCHEDULES[str(t.schedule)], optimizer, num_warmup_steps=int(t.warmup_steps),
+                              num_training_steps=steps)
+    accelerator.register_for_checkpointing(scheduler)  # not prepared: it steps once per optimiser step
+
+    key = fingerprint(cfg)
+    ckpt_dir = out_root / "checkpoints" / f"train-{variant}-{key}"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    history: list[dict[str, Any]] = []
+    start, wall = 0, 0.0
+    last = latest_checkpoint(ckpt_dir)
+    if last is not None:
+        accelerator.load_state(str(last))
+        meta = json.loads((last / "trainer.json").read_text())
+        start, history, wall = int(meta["step"]), meta["history"], float(meta["wall_s"])
+        accelerator.print(f"resuming the fine-tuning from {last} (step {start} of {steps})")
+
+    main = accelerator.is_main_process
+    world, rank, seed, length = accelerator.num_processes, accelerator.process_index, int(cfg.seed), rows.length
+    params = [p for p in model.parameters() if p.requires_grad]
+    tracker_cm = stage_run(cfg, "train") if main else _StageRunNull()
+    with tracker_cm as tracker:
+        for h in history:
+            _log(tracker, h)
+        bar = tqdm(total=steps, initial=start, desc=f"train {variant}", disable=not main, dynamic_ncols=True)
+        for step in range(start, steps):
+            t0 = time.monotonic()
+            indices = step_rows(len(rows), int(t.global_batch), step, seed)
+            all_rows = rows.get(indices)
+            global_weight = float(row_weight_total(all_rows, cfg))
+            local = {k: v[rank::world] for k, v in all_rows.items()}
+            sums = train_step(accelerator, model, local, cfg, dtype, global_weight)
+            sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
+            loss = float((sums[0] + sums[2]) / global_weight)
+            grad_norm = float(accelerator.clip_grad_norm_(params, float(t.grad_clip)))
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                saved = latest_checkpoint(ckpt_dir)
+                raise TrainingDiverged(
+                    f"train: non-finite loss {loss} / gradient norm {grad_norm} at step {step + 1} of {steps} "
+                    f"(train.lr = {t.lr}); the last good checkpoint is "
+                    f"{saved if saved is not None else 'none (no checkpoint written yet)'}")
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            dt = time.monotonic() - t0
+            wall += dt
+            row = {"step": step + 1, "loss": loss, "short_loss": _ratio(sums[0], sums[1]),
+                   "long_loss": _ratio(sums[2], sums[3]), "lr": lr, "grad_norm": grad_norm,
+                   "tokens": int(t.global_batch) * length, "tokens_per_s": int(t.global_batch) * length / dt,
+                   "wall_s": wall}
+            history.append(row)
+            if main and ((step + 1) % int(t.log_every) == 0 or step + 1 == steps):
+                _log(tracker, row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            if (step + 1) % int(t.checkpoint_every) == 0 and step + 1 < steps:
+                save_checkpoint(accelerator, ckpt_dir, step + 1, history, wall)
+        bar.close()
+
+        with atomic_dir(out) if main else _null() as scratch:
+            export_model(accelerator, model, tokenizer, scaling, cfg, (scratch / "model") if main else Path())
+            if not main:
+                return {}
+            write_loss_csv(scratch / "loss.csv", history)
+            plot_loss(history, variant, scratch / "loss.png")
+            validation = validate(cfg, scratch / "model", accelerator.device)
+            write_json(scratch / "validation.json", {"variant": variant, **validation})
+            tokens = sum(h["tokens"] for h in history)
+            summary = {"variant": variant, "mixed_window": bool(t.mixed_window), "steps": steps, "rows": len(rows),
+                       "epochs": int(t.epochs), "global_batch": int(t.global_batch), "tokens": tokens,
+                       "processes": world, "wall_s": wall, "tokens_per_s": tokens / wall if wall else None,
+                       "final_loss": history[-1]["loss"] if history else None, "seed": seed,
+                       "rope_parameters": scaling.to_rope_parameters(), "device": str(accelerator.device),
+                       "mixed_precision": str(accelerator.mixed_precision)}
+            write_json(scratch / "train.json", summary)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        tracker.log_metrics({"wall_s": wall, "tokens_per_s_mean": summary["tokens_per_s"] or 0.0}
+                            | _flat_validation(validation))
+        for name in ("train.json", "loss.csv", "loss.png", "validation.json"):
+            tracker.log_artifact(out / name)
+    print(f"fine-tuned {variant}: {steps} steps, {tokens} tokens in {wall:.0f} s "
+          f"({summary['tokens_per_s'] or 0:.0f} tokens/s, {'cuda' if cuda else 'cpu'}) -> {out}")
+    for name in ("base", "tuned"):
+        for split, m in validation.get(name, {}).items():
+            print(f"  {name:5s} {split:16s} ({m['length']:6d} tokens) needle-PPL {m['needle_ppl']:9.4f}   "
+                  f"exact match {m['exact_match']:.3f}")
+    if validation.get("retention") is not None:
+        print(f"  retention (exact match within L_train, tuned / base): {validation['retention']:.3f}")
+    return summary
+
+
+def row_weight_total(rows: dict[str, Tensor], cfg: DictConfig) -> Tensor:
+    """Sum of label weights over the global batch: the loss's denominator, the same on every process."""
+    total = torch.zeros((), dtype=torch.float64)
+    for is_long in (False, True):
+        sel = rows["is_long"] == is_long
+        if bool(sel.any()):
+            per_document = not is_long or str(cfg.train.long_row_attention) == "per_document"
+            _, weights = row_targets({k: v[sel] for k, v in rows.items()}, per_document)
+            total += weights.double().sum()
+    return total
+
+
+def _ratio(num: Tensor, den: Tensor) -> float:
+    return float(num / den) if float(den) else float("nan")
+
+
+def _log(tracker: StageRun, row: dict[str, Any]) -> None:
+    tracker.log_metrics({k: row[k] for k in ("loss", "short_loss", "long_loss", "lr", "grad_norm", "tokens_per_s")
+                         if row[k] == row[k]}, step=row["step"])
+
+
+def _flat_validation(validation: dict[str, Any]) -> dict[str, float]:
+    flat = {f"{name}_{split}_{k}": v for name in ("base", "tuned") for split, m in validation.get(name, {}).items()
+            for k, v in m.items() if k in ("needle_ppl", "exact_match")}
+    if validation.get("retention") is not None:
+        flat["retention"] = validation["retention"]
+    return flat
+
+
+class _StageRunNull(_null):
+    def __enter__(self) -> StageRun:  # type: ignore[override]
+        return StageRun()
+
+
+main = hydra_stage(run)
+
+if __name__ == "__main__":
+    main()

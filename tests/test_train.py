@@ -1,0 +1,253 @@
+"""Stage train: the mixed-window fine-tuning loop, resume after a kill, N processes == 1, NaN stop, export."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from longrope2 import fitness, needle_data, train, train_data
+from longrope2.config import ConfigError, compose_config
+from longrope2.scaling import RopeScaling, rope_facts_from_hf_config, rotary_modules
+
+REPO = Path(__file__).resolve().parents[1]
+L, L_TRAIN = 256, 64
+CURVE = ("step", "loss", "short_loss", "long_loss", "lr", "grad_norm")
+
+
+def _overrides(out, model_dir, folder, *extra):
+    return [
+        "experiment=smoke", f"out_dir={out}", f"model.path={model_dir}", "tracking.enabled=false",
+        f"model.train_len={L_TRAIN}", f"target_len={L}",
+        "data.corpus.source=folder", f"data.corpus.path={folder}", "data.corpus.heldout_fraction=0.5",
+        "data.search_set.books=2", "data.search_set.samples=4", "data.search_set.validation_books=2",
+        "data.search_set.validation_samples=4", "data.train_set.long_lengths=[128,256]",
+        # 10 short + 8 long rows of 256 tokens
+        "train.length_mix=[{max_len:64,tokens:2560},{max_len:256,tokens:2000}]",
+        "train.global_batch=2", "train.lr=1e-3", "train.warmup_steps=2", "train.num_threads=1",
+        "train.checkpoint_every=3", "train.validation_batch_size=4", *extra,
+    ]
+
+
+def _prepare(out, model_dir, folder):
+    """needle_data + train_data + a searched-factor file for a fine-tuning run in `out`."""
+    from transformers import AutoConfig
+
+    cfg = compose_config(_overrides(out, model_dir, folder))
+    needle_data.run(cfg)
+    train_data.run(cfg)
+    facts = replace(rope_facts_from_hf_config(AutoConfig.from_pretrained(model_dir)), train_len=L_TRAIN)
+    scaling = RopeScaling.longrope2(facts, L, tail=[6.0, 6.5, 7.0, 7.5] + [8.0] * 8, critical_dim=4)
+    (out / "search").mkdir(parents=True, exist_ok=True)
+    (out / "search" / "rope_parameters.json").write_text(json.dumps(scaling.to_rope_parameters()))
+    return scaling
+
+
+def _curve(out, variant="longrope2"):
+    with (Path(out) / "train" / variant / "loss.csv").open() as fh:
+        rows = [{k: float(r[k]) for k in CURVE} for r in csv.DictReader(fh)]
+    return [{k: (None if v != v else v) for k, v in r.items()} for r in rows]  # NaN (no row of a kind): None
+
+
+@pytest.fixture(scope="module")
+def books(tmp_path_factory):
+    from longrope2.corpus import generate_documents
+
+    folder = tmp_path_factory.mktemp("books")
+    for i, text in enumerate(generate_documents(8, 1500, seed=5)):
+        (folder / f"book_{i}.txt").write_text(text)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, toy_model_dir, books):
+    """One uninterrupted run, in this process, 8 epochs (72 steps)."""
+    out = tmp_path_factory.mktemp("reference")
+    scaling = _prepare(out, toy_model_dir, books)
+    summary = train.run(compose_config(_overrides(out, toy_model_dir, books, "train.epochs=8")))
+    return out, scaling, summary
+
+
+def test_outputs_and_the_exported_config(reference, toy_model_dir):
+    out, scaling, summary = reference
+    folder = out / "train" / "longrope2"
+    assert sorted(p.name for p in folder.iterdir()) == ["loss.csv", "loss.png", "model", "train.json",
+                                                        "validation.json"]
+    assert summary["steps"] == 18 * 8 // 2 == len(_curve(out))
+    assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
+    config = json.loads((folder / "model" / "config.json").read_text())
+    rp = config["rope_parameters"]
+    assert rp["rope_type"] == "longrope" and rp["short_factor"] == [1.0] * 16
+    assert rp["long_factor"] == pytest.approx(list(scaling.long_factor), abs=0)
+    assert rp["original_max_position_embeddings"] == L_TRAIN and config["max_position_embeddings"] == L
+    assert rp["attention_factor"] == pytest.approx(scaling.attention_factor, rel=1e-12)
+    curve = _curve(out)
+    assert curve[-1]["loss"] < 0.8 * curve[0]["loss"]  # it learns
+    assert all(c["short_loss"] is not None or c["long_loss"] is not None for c in curve)
+    val = json.loads((folder / "validation.json").read_text())
+    assert val["tuned"]["validation"]["length"] == L and val["tuned"]["validation_short"]["length"] == L_TRAIN
+    assert set(val["base"]) == {"validation", "validation_short"}
+
+
+def test_exported_model_loads_with_plain_transformers_and_matches_our_rope(reference, toy_model_dir):
+    """from_pretrained, no custom code: logits equal the pipeline's own RoPE maths below and above L_train."""
+    from transformers import AutoModelForCausalLM
+
+    out, scaling, _ = reference
+    path = out / "train" / "longrope2" / "model"
+    exported = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ours = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    fitness.prepare_for_search(ours, replace(rope_facts_from_hf_config(ours.config), train_len=L_TRAIN))
+    gen = torch.Generator().manual_seed(0)
+    for n in (40, L_TRAIN, L_TRAIN + 1, 200):
+        ids = torch.randint(4, exported.config.vocab_size, (1, n), generator=gen)
+        inv_freq = scaling.long_inv_freq() if n > L_TRAIN else scaling.short_inv_freq()
+        for _, rotary in rotary_modules(ours):  # static RoPE: we set each path's frequencies ourselves
+            rotary.inv_freq.copy_(inv_freq)
+            rotary.attention_scaling = scaling.attention_factor
+        with torch.no_grad():
+            a, b = exported(input_ids=ids).logits, ours(input_ids=ids).logits
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), (n, float((a - b).abs().max()))
+    base = AutoModelForCausalLM.from_pretrained(toy_model_dir, dtype=torch.float32).state_dict()
+    assert all(torch.equal(exported.state_dict()[k], base[k]) is False for k in base if "norm" not in k)
+
+
+def _cli(out, model_dir, folder, *extra, launcher=()):
+    cmd = [sys.executable, *launcher, "-m", "longrope2.train", *_overrides(out, model_dir, folder, *extra)]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "TQDM_DISABLE": "1"})
+
+
+def test_killed_run_resumes_on_the_same_loss_curve(tmp_path, reference, toy_model_dir, books):
+    _prepare(tmp_path, toy_model_dir, books)
+    proc = _cli(tmp_path, toy_model_dir, books, "train.epochs=8")
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+        if list((tmp_path / "checkpoints").glob("train-longrope2-*/step-*")):
+            break
+    assert proc.poll() is None, "the run ended before it could be killed: make it longer"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "train" / "longrope2").exists()  # no half-written output
+    resumed = _cli(tmp_path, toy_model_dir, books, "train.epochs=8")
+    log = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, log
+    assert "resuming the fine-tuning from" in log
+    assert _curve(tmp_path) == _curve(reference[0])  # bit for bit: weights, AdamW and schedule restored
+
+
+@pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
+def test_two_processes_give_the_loss_curve_of_one(tmp_path, reference, toy_model_dir, books, distributed):
+    """2 torchrun processes over gloo, DDP or accelerate's FSDP2 (sharded weights and AdamW state)."""
+    from safetensors.torch import load_file
+
+    _prepare(tmp_path, toy_model_dir, books)
+    torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+    proc = _cli(tmp_path, toy_model_dir, books, "train.epochs=8", "train.processes=2",
+                f"train.distributed={distributed}", launcher=torchrun)
+    log = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, log
+    assert json.loads((tmp_path / "train" / "longrope2" / "train.json").read_text())["processes"] == 2
+    two, one = _curve(tmp_path), _curve(reference[0])
+    assert len(two) == len(one) == 72
+    for a, b in zip(two, one):
+        for key in ("loss", "short_loss", "long_loss"):
+            assert (a[key] is None) == (b[key] is None)
+            if b[key] is not None:
+                assert a[key] == pytest.approx(b[key], rel=1e-5), (a["step"], key)
+    weights = [load_file(out / "train" / "longrope2" / "model" / "model.safetensors")
+               for out in (tmp_path, reference[0])]
+    assert sorted(weights[0]) == sorted(weights[1])
+    for k, v in weights[0].items():
+        assert torch.allclose(v, weights[1][k], atol=1e-5), k
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, toy_model_dir, books, monkeypatch):
+    _prepare(tmp_path, toy_model_dir, books)
+    forward = train.ChunkedLossLM.forward
+    calls = {"n": 0}
+
+    def poisoned(self, *args, **kw):
+        total, weight = forward(self, *args, **kw)
+        calls["n"] += 1
+        return (total * float("nan") if calls["n"] > 8 else total), weight  # 2 rows a step: step 5 diverges
+
+    monkeypatch.setattr(train.ChunkedLossLM, "forward", poisoned)
+    with pytest.raises(train.TrainingDiverged, match=r"non-finite loss nan .* at step 5 of 9 \(train.lr = 0.001\); "
+                                                     r"the last good checkpoint is .*step-00000003"):
+        train.run(compose_config(_overrides(tmp_path, toy_model_dir, books)))
+    assert not (tmp_path / "train" / "longrope2").exists()
+    assert len(list((tmp_path / "checkpoints").glob("train-longrope2-*/step-00000003/trainer.json"))) == 1
+
+
+def test_no_mixed_window_uses_the_long_factors_everywhere(tmp_path, toy_model_dir, books):
+    scaling = _prepare(tmp_path, toy_model_dir, books)
+    summary = train.run(compose_config(_overrides(tmp_path, toy_model_dir, books, "train.mixed_window=false")))
+    assert summary["variant"] == "longrope2_no_mixed" and not (tmp_path / "train" / "longrope2").exists()
+    config = tmp_path / "train" / "longrope2_no_mixed" / "model" / "config.json"
+    rp = json.loads(config.read_text())["rope_parameters"]
+    assert rp["short_factor"] == rp["long_factor"] == pytest.approx(list(scaling.long_factor), abs=0)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(config.parent, dtype=torch.float32)
+    pos = torch.arange(40)[None]  # inside L_train: the rescaled frequencies all the same
+    cos, _ = model.model.rotary_emb(torch.zeros(1), pos)
+    angles = pos[0, :, None].float() * scaling.long_inv_freq()
+    assert torch.allclose(cos[0], torch.cat([angles, angles], -1).cos() * scaling.attention_factor, atol=1e-6)
+    mixed_run = tmp_path / "mixed"
+    _prepare(mixed_run, toy_model_dir, books)
+    train.run(compose_config(_overrides(mixed_run, toy_model_dir, books)))
+    no_mixed, mixed_curve = _curve(tmp_path, "longrope2_no_mixed"), _curve(mixed_run)
+    # The same rows and weights at step 1: long rows agree, short rows see other frequencies.
+    first = no_mixed[0]
+    assert first["short_loss"] is not None and first["long_loss"] is None  # step 1 holds short rows only
+    assert abs(first["short_loss"] - mixed_curve[0]["short_loss"]) > 1e-5  # float noise here: ~1e-7
+    both = next(i for i, c in enumerate(mixed_curve) if c["long_loss"] is not None)
+    assert no_mixed[both]["long_loss"] != mixed_curve[both]["long_loss"]  # the weights have diverged by then
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.global_batch=3", r"train.global_batch = 3: accepted: a multiple of train.processes = 2"),
+    ("train.long_row_attention=per_document",
+     r"train.long_row_attention = per_document: accepted with train.attn_implementation = sdpa only"),
+    ("resources.train.gpu=4", r"train.processes = 2: accepted: resources.train.gpu = 4"),
+    ("train.schedule=exponential", r'train.schedule = "exponential": accepted: cosine, linear, constant'),
+])
+def test_bad_train_settings_fail_before_any_work(tmp_path, toy_model_dir, books, override, message):
+    extra = ["train.processes=2", override]
+    if "per_document" in override:
+        extra.append("train.attn_implementation=flash_attention_2")
+    with pytest.raises(ConfigError, match=message):
+        compose_config(_overrides(tmp_path, toy_model_dir, books, *extra))
+
+
+def test_stale_rows_and_missing_factors_fail_before_training(tmp_path, toy_model_dir, books):
+    _prepare(tmp_path, toy_model_dir, books)
+    with pytest.raises(ConfigError, match=r"target_len = 128 but the train_data rows have 256 tokens: rerun stage "
+                                          r"train_data"):
+        train.run(compose_config(_overrides(tmp_path, toy_model_dir, books, "target_len=128",
+                                            "train.length_mix=[{max_len:64,tokens:2560},{max_len:128,tokens:2000}]")))
+    (tmp_path / "search" / "rope_parameters.json").unlink()
+    with pytest.raises(ConfigError, match=r"search/rope_parameters.json: missing; run stage search first"):
+        train.run(compose_config(_overrides(tmp_path, toy_model_dir, books)))
+    assert not (tmp_path / "train").exists()
+
+
+def test_every_epoch_visits_every_row_once():
+    n, batch = 10, 4
+    order = [j for step in range(10) for j in train.step_rows(n, batch, step, seed=3)]  # 4 epochs
+    for epoch in range(4):
+        assert sorted(order[epoch * n : (epoch + 1) * n]) == list(range(n))
+    assert order[:n] != order[n : 2 * n]  # reshuffled per epoch
+    assert train.step_rows(n, batch, 7, seed=3) == order[28:32]  # a resumed run sees the same rows
+    assert train.step_rows(n, batch, 0, seed=4) != train.step_rows(n, batch, 0, seed=3)
