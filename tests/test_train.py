@@ -90,6 +90,7 @@ def test_outputs_and_the_exported_config(reference, toy_model_dir):
     assert rp["long_factor"] == pytest.approx(list(scaling.long_factor), abs=0)
     assert rp["original_max_position_embeddings"] == L_TRAIN and config["max_position_embeddings"] == L
     assert rp["attention_factor"] == pytest.approx(scaling.attention_factor, rel=1e-12)
+    assert config["use_cache"] is True and config["architectures"] == ["LlamaForCausalLM"]
     curve = _curve(out)
     assert curve[-1]["loss"] < 0.8 * curve[0]["loss"]  # it learns
     assert all(c["short_loss"] is not None or c["long_loss"] is not None for c in curve)
@@ -217,14 +218,18 @@ def test_no_mixed_window_uses_the_long_factors_everywhere(tmp_path, toy_model_di
 
 
 @pytest.mark.parametrize("override, message", [
-    ("train.global_batch=3", r"train.global_batch = 3: accepted: a multiple of train.processes = 2"),
+    ("train.global_batch=3", r"train.global_batch = 3: accepted: a multiple of train.processes / "
+                             r"train.context_parallel = 2"),
+    ("train.context_parallel=2", r"train.distributed = ddp: accepted: fsdp with train.context_parallel = 2"),
+    ("train.context_parallel=3", r"train.context_parallel = 3: accepted: a divisor of train.processes = 2"),
     ("train.long_row_attention=per_document",
      r"train.long_row_attention = per_document: accepted with train.attn_implementation = sdpa only"),
     ("resources.train.gpu=4", r"train.processes = 2: accepted: resources.train.gpu = 4"),
     ("train.schedule=exponential", r'train.schedule = "exponential": accepted: cosine, linear, constant'),
+    ("train.distributed=fsdp", r"train.micro_batch = 2: accepted: 1 with train.distributed = fsdp"),
 ])
 def test_bad_train_settings_fail_before_any_work(tmp_path, toy_model_dir, books, override, message):
-    extra = ["train.processes=2", override]
+    extra = ["train.processes=2", "train.micro_batch=2", override]
     if "per_document" in override:
         extra.append("train.attn_implementation=flash_attention_2")
     with pytest.raises(ConfigError, match=message):
@@ -251,3 +256,59 @@ def test_every_epoch_visits_every_row_once():
     assert order[:n] != order[n : 2 * n]  # reshuffled per epoch
     assert train.step_rows(n, batch, 7, seed=3) == order[28:32]  # a resumed run sees the same rows
     assert train.step_rows(n, batch, 0, seed=4) != train.step_rows(n, batch, 0, seed=3)
+
+
+def _short_row(lengths, vocab, seed=0):
+    from longrope2 import mixed
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab, (1, sum(lengths)), generator=g)
+    pos = mixed.document_position_ids(lengths)[None]
+    return {"input_ids": ids, "position_ids": pos, "doc_ids": mixed.document_ids(pos),
+            "loss_weight": torch.ones(1, sum(lengths)), "is_long": torch.tensor([False])}
+
+
+def test_context_parallel_pieces_spread_whole_documents_and_keep_the_loss(toy_model_dir):
+    """Under context parallelism a short row is spread over the group by whole documents: the
+    pieces partition the row, and their losses add up to the packed row's loss."""
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(toy_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    model = train.ChunkedLossLM(lm, 64)
+    cfg = compose_config(["experiment=smoke", "tracking.enabled=false"])
+    row = _short_row([30, 64, 10, 50, 40, 62], lm.config.vocab_size)  # 256 tokens, 6 documents
+
+    def loss_of(batch):
+        inputs = train.forward_inputs(batch, False, cfg, torch.float32, torch.device("cpu"))
+        with torch.no_grad():
+            total, weight = model(**inputs)
+        return float(total), weight
+
+    full_total, full_weight = loss_of(row)
+    for cp in (2, 4):
+        pieces = [train.document_piece(row, k, cp) for k in range(cp)]
+        assert sum(p["input_ids"].shape[1] for p in pieces) == 256
+        assert torch.equal(torch.cat([p["input_ids"] for p in pieces], 1), row["input_ids"])  # in order, whole
+        for p in pieces:  # every piece starts a document and holds whole ones
+            assert int(p["position_ids"][0, 0]) == 0
+        totals = [loss_of(p) for p in pieces]
+        assert sum(w for _, w in totals) == full_weight
+        assert sum(t for t, _ in totals) == pytest.approx(full_total, rel=1e-5)
+    # more processes than documents: the empty piece is one token with no target and zero loss
+    empty = train.document_piece(_short_row([64, 64], lm.config.vocab_size), 3, 4)
+    assert empty["input_ids"].shape == (1, 1) and float(empty["loss_weight"].sum()) == 0
+    inputs = train.forward_inputs(empty, False, cfg, torch.float32, torch.device("cpu"))
+    lm.zero_grad()
+    total, weight = model(**inputs)
+    total.backward()  # still a graph through every weight (FSDP's collectives stay in step)
+    assert weight == 0 and float(total.detach()) == 0.0
+    assert all(p.grad is not None and float(p.grad.abs().max()) == 0 for p in lm.parameters())
+
+
+def test_every_process_runs_as_many_forward_passes_under_context_parallelism():
+    rows = {k: torch.cat([v, v]) for k, v in _short_row([64, 64, 64, 64], 100).items()}
+    rows["is_long"] = torch.tensor([False, True])
+    counts = {r: len(list(train.micro_batches(rows, 1, train.Layout(world=4, rank=r, cp=2)))) for r in range(4)}
+    assert set(counts.values()) == {2}
+    layout = train.Layout(world=8, rank=5, cp=4)
+    assert (layout.dp_world, layout.dp_rank, layout.cp_rank) == (2, 1, 1)

@@ -202,9 +202,27 @@ def _train_errors(data: Mapping[str, Any]) -> list[str]:
     if gpus and t["processes"] != gpus:
         lines.append(f"train.processes = {t['processes']}: accepted: resources.train.gpu = {gpus} "
                      "(one training process per GPU)")
-    if t["global_batch"] % t["processes"]:
-        lines.append(f"train.global_batch = {t['global_batch']}: accepted: a multiple of train.processes "
-                     f"= {t['processes']}")
+    cp = t["context_parallel"]
+    if t["processes"] % cp:
+        lines.append(f"train.context_parallel = {cp}: accepted: a divisor of train.processes = {t['processes']}")
+    elif t["global_batch"] % (t["processes"] // cp):
+        lines.append(f"train.global_batch = {t['global_batch']}: accepted: a multiple of train.processes / "
+                     f"train.context_parallel = {t['processes'] // cp}")
+    if cp > 1:
+        wanted = {"distributed": "fsdp", "attn_implementation": "sdpa", "long_row_attention": "full"}
+        for key, value in wanted.items():
+            if t[key] != value:
+                lines.append(f"train.{key} = {t[key]}: accepted: {value} with train.context_parallel = {cp} "
+                             "(PyTorch's context parallelism: FSDP2, ring attention over SDPA, causal only)")
+        length, train_len = data["target_len"], data["model"]["train_len"]
+        if length % (2 * cp) or length <= 2 * train_len:
+            lines.append(f"target_len = {length}: accepted with train.context_parallel = {cp}: a multiple of "
+                         f"2 x {cp} (head-tail shards) above 2 x model.train_len = {2 * train_len} (every shard "
+                         "then holds positions beyond L_train and keeps the long factors)")
+    if t["distributed"] == "fsdp" and t["micro_batch"] != 1:
+        lines.append(f"train.micro_batch = {t['micro_batch']}: accepted: 1 with train.distributed = fsdp (FSDP "
+                     "gathers weights in every forward pass, so every process must run as many passes; with one "
+                     "row per pass each runs global_batch / processes)")
     if t["attn_implementation"] != "sdpa" and t["long_row_attention"] == "per_document":
         lines.append(f"train.long_row_attention = per_document: accepted with train.attn_implementation = sdpa "
                      f"only (got {t['attn_implementation']}: flash attention finds documents from restarting "

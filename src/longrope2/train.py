@@ -35,6 +35,7 @@ one-process gradient: N processes give the loss curve of 1 (gloo on CPUs, NCCL o
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -44,6 +45,7 @@ import math
 import shutil
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -146,7 +148,11 @@ class ChunkedLossLM(nn.Module):
                 weights: Tensor) -> tuple[Tensor, float]:
         hidden = self.lm.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                                use_cache=False).last_hidden_state  # (B, L, H)
-        return mixed.chunked_causal_lm_loss(hidden, self.lm.get_output_embeddings(), labels, self.chunk, weights)
+        head = self.lm.get_output_embeddings()
+        total, weight = mixed.chunked_causal_lm_loss(hidden, head, labels, self.chunk, weights)
+        if weight == 0:  # nothing to score (an empty context-parallel piece): a zero loss through every weight
+            total = head(hidden[:, :1]).float().sum() * 0.0
+        return total, weight
 
 
 def extension_scaling(cfg: DictConfig, facts: RopeFacts, rope_parameters: dict[str, Any]) -> RopeScaling:
@@ -176,11 +182,14 @@ def load_base(cfg: DictConfig, attn: str, dtype: torch.dtype) -> tuple[nn.Module
 # --------------------------------------------------------------------------- checks
 
 
-def check_config(cfg: DictConfig, world: int, rows: Rows) -> None:
+def check_config(cfg: DictConfig, layout: Layout, rows: Rows) -> None:
     t = cfg.train
-    if int(t.global_batch) % world:
-        raise ConfigError(f"train.global_batch = {t.global_batch}: accepted: a multiple of the number of "
-                          f"processes ({world})")
+    if layout.world % layout.cp:
+        raise ConfigError(f"train.context_parallel = {layout.cp}: accepted: a divisor of the number of processes "
+                          f"({layout.world})")
+    if int(t.global_batch) % layout.dp_world:
+        raise ConfigError(f"train.global_batch = {t.global_batch}: accepted: a multiple of the data-parallel "
+                          f"groups (processes / context_parallel = {layout.dp_world})")
     if rows.length != int(cfg.target_len):
         raise ConfigError(f"target_len = {cfg.target_len} but the train_data rows have {rows.length} tokens: "
                           "rerun stage train_data")
@@ -205,13 +214,60 @@ def fingerprint(cfg: DictConfig) -> str:
 # --------------------------------------------------------------------------- one step
 
 
-def micro_batches(rows: dict[str, Tensor], micro: int) -> Iterator[tuple[bool, dict[str, Tensor]]]:
-    """The local rows by kind (short rows, then long rows), ``micro`` rows per forward pass."""
+@dataclass(frozen=True)
+class Layout:
+    """Where a process sits: its data-parallel group (which rows) and its context-parallel rank
+    (which part of a row). Ranks r = dp_rank x cp + cp_rank; cp = 1 without context parallelism."""
+
+    world: int = 1
+    rank: int = 0
+    cp: int = 1
+
+    @property
+    def dp_world(self) -> int:
+        return self.world // self.cp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.cp
+
+    @property
+    def cp_rank(self) -> int:
+        return self.rank % self.cp
+
+
+def document_piece(row: dict[str, Tensor], k: int, parts: int) -> dict[str, Tensor]:
+    """The documents of one packed short row (1, L) that start in the k-th of ``parts`` equal spans.
+
+    Context parallelism shards a row's sequence, which per-document masks do not survive; a
+    short row is spread over the group by whole documents instead (each process one piece). An
+    empty piece is one token with no target: the process still runs its forward pass, which
+    keeps FSDP's collectives in step.
+    """
+    doc = row["doc_ids"][0]
+    length = doc.shape[0]
+    starts = torch.ones(length, dtype=torch.bool)
+    starts[1:] = doc[1:] != doc[:-1]
+    owner = torch.clamp(torch.arange(length)[starts] * parts // length, max=parts - 1)  # per document
+    keep = owner[starts.long().cumsum(0) - 1] == k  # per token: does its document belong to piece k
+    if not bool(keep.any()):
+        piece = {key: v[:, :1] for key, v in row.items() if key != "is_long"}
+        piece["loss_weight"] = torch.zeros_like(piece["loss_weight"])
+        return piece | {"is_long": row["is_long"]}
+    return {key: (v[:, keep] if key != "is_long" else v) for key, v in row.items()}
+
+
+def micro_batches(rows: dict[str, Tensor], micro: int, layout: Layout = Layout()
+                  ) -> Iterator[tuple[bool, dict[str, Tensor]]]:
+    """The local rows by kind (short rows, then long rows), ``micro`` rows per forward pass;
+    with context parallelism, this process's piece of each short row (micro is 1 then)."""
     for is_long in (False, True):
         idx = (rows["is_long"] == is_long).nonzero().flatten()
         for b in range(0, len(idx), micro):
-            take = idx[b : b + micro]
-            yield is_long, {k: v[take] for k, v in rows.items()}
+            batch = {k: v[idx[b : b + micro]] for k, v in rows.items()}
+            if layout.cp > 1 and not is_long:
+                batch = document_piece(batch, layout.cp_rank, layout.cp)
+            yield is_long, batch
 
 
 def forward_inputs(batch: dict[str, Tensor], is_long: bool, cfg: DictConfig, dtype: torch.dtype,
@@ -227,16 +283,17 @@ def forward_inputs(batch: dict[str, Tensor], is_long: bool, cfg: DictConfig, dty
 
 
 def train_step(accelerator: Any, model: nn.Module, rows: dict[str, Tensor], cfg: DictConfig, dtype: torch.dtype,
-               global_weight: float) -> dict[str, float]:
+               global_weight: float, layout: Layout = Layout(), cp_mesh: Any = None) -> Tensor:
     """Forward and backward of this process's rows; returns its (short, long) weighted NLL sums and weights."""
     sums = torch.zeros(4, dtype=torch.float64)  # short sum, short weight, long sum, long weight
-    parts = list(micro_batches(rows, int(cfg.train.micro_batch)))
-    scale = accelerator.num_processes / global_weight
+    parts = list(micro_batches(rows, int(cfg.train.micro_batch), layout))
+    scale = accelerator.num_processes / global_weight  # DDP / FSDP average the gradients over processes
     for i, (is_long, batch) in enumerate(parts):
         inputs = forward_inputs(batch, is_long, cfg, dtype, accelerator.device)
-        last = i == len(parts) - 1
-        sync = accelerator.no_sync(model) if not last else _null()
-        with sync:
+        sync = accelerator.no_sync(model) if i < len(parts) - 1 else contextlib.nullcontext()
+        sharded = sequence_sharded(cp_mesh, model, inputs) if is_long and cp_mesh is not None \
+            else contextlib.nullcontext()
+        with sync, sharded:
             total, weight = model(**inputs)
             accelerator.backward(total * scale)
         k = 2 if is_long else 0
@@ -245,12 +302,35 @@ def train_step(accelerator: Any, model: nn.Module, rows: dict[str, Tensor], cfg:
     return sums
 
 
-class _null:
-    def __enter__(self) -> None:
-        return None
+def _causal_only(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    # Ring attention takes no mask: plain causal attention over the whole (sharded) row.
+    if "attention_mask" in kwargs:
+        kwargs["attention_mask"] = None
+        kwargs["is_causal"] = True
+    return args, kwargs
 
-    def __exit__(self, *exc: Any) -> None:
-        return None
+
+@contextlib.contextmanager
+def sequence_sharded(cp_mesh: Any, model: nn.Module, inputs: dict[str, Tensor | None]) -> Iterator[None]:
+    """PyTorch's context parallelism around one long row's forward and backward.
+
+    The row's tensors are sharded in place over the cp group (head-tail load balancing, so every
+    shard holds positions beyond L/2 > L_train and keeps the long factors); SDPA becomes ring
+    attention. transformers would read a packed sequence from the shard's position jumps, so the
+    attention modules get no mask (as accelerate's CP hooks do), here only for long rows.
+    """
+    from torch.distributed.tensor.experimental import context_parallel
+
+    buffers = [inputs[k] for k in ("input_ids", "position_ids", "labels", "weights")]
+    hooks = [m.register_forward_pre_hook(_causal_only, with_kwargs=True, prepend=True)
+             for name, m in model.named_modules() if name.endswith("self_attn")]
+    try:
+        with context_parallel(cp_mesh, buffers=buffers, buffer_seq_dims=[1] * len(buffers),
+                              no_restore_buffers=set(buffers)):
+            yield
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -317,6 +397,7 @@ def export_model(accelerator: Any, model: nn.Module, tokenizer: Any, scaling: Ro
     scaling.update_hf_config(lm.config)
     dtype = getattr(torch, str(cfg.model.dtype))
     lm.config.dtype = dtype
+    lm.config.use_cache = True  # off during training only; generation with the checkpoint caches
     weights = {k.removeprefix("lm."): v.to(dtype) for k, v in state.items()}
     lm.save_pretrained(folder, state_dict=weights)
     tokenizer.save_pretrained(folder)
@@ -383,7 +464,14 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     if not rope_path.is_file():
         raise ConfigError(f"{rope_path}: missing; run stage search first")
     accelerator = make_accelerator(cfg)
-    check_config(cfg, accelerator.num_processes, rows)
+    layout = Layout(accelerator.num_processes, accelerator.process_index, int(cfg.train.context_parallel))
+    check_config(cfg, layout, rows)
+    cp_mesh = None
+    if layout.cp > 1:  # groups of cp consecutive ranks share rows and shard long rows among them
+        from torch.distributed.device_mesh import init_device_mesh
+
+        cp_mesh = init_device_mesh(accelerator.device.type, (layout.dp_world, layout.cp),
+                                   mesh_dim_names=("dp", "cp"))["cp"]
     tokenizer = load_tokenizer(str(cfg.model.path))
     cuda = accelerator.device.type == "cuda"
     dtype = torch.float32  # master weights; bf16 autocast on GPUs (accelerate's mixed precision)
@@ -418,9 +506,9 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
         accelerator.print(f"resuming the fine-tuning from {last} (step {start} of {steps})")
 
     main = accelerator.is_main_process
-    world, rank, seed, length = accelerator.num_processes, accelerator.process_index, int(cfg.seed), rows.length
+    world, seed, length = accelerator.num_processes, int(cfg.seed), rows.length
     params = [p for p in model.parameters() if p.requires_grad]
-    tracker_cm = stage_run(cfg, "train") if main else _StageRunNull()
+    tracker_cm = stage_run(cfg, "train") if main else contextlib.nullcontext(StageRun())
     with tracker_cm as tracker:
         for h in history:
             _log(tracker, h)
@@ -430,8 +518,8 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
             indices = step_rows(len(rows), int(t.global_batch), step, seed)
             all_rows = rows.get(indices)
             global_weight = float(row_weight_total(all_rows, cfg))
-            local = {k: v[rank::world] for k, v in all_rows.items()}
-            sums = train_step(accelerator, model, local, cfg, dtype, global_weight)
+            local = {k: v[layout.dp_rank :: layout.dp_world] for k, v in all_rows.items()}
+            sums = train_step(accelerator, model, local, cfg, dtype, global_weight, layout, cp_mesh)
             sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
             loss = float((sums[0] + sums[2]) / global_weight)
             grad_norm = float(accelerator.clip_grad_norm_(params, float(t.grad_clip)))
@@ -460,7 +548,7 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
                 save_checkpoint(accelerator, ckpt_dir, step + 1, history, wall)
         bar.close()
 
-        with atomic_dir(out) if main else _null() as scratch:
+        with atomic_dir(out) if main else contextlib.nullcontext() as scratch:
             export_model(accelerator, model, tokenizer, scaling, cfg, (scratch / "model") if main else Path())
             if not main:
                 return {}
@@ -519,11 +607,6 @@ def _flat_validation(validation: dict[str, Any]) -> dict[str, float]:
     if validation.get("retention") is not None:
         flat["retention"] = validation["retention"]
     return flat
-
-
-class _StageRunNull(_null):
-    def __enter__(self) -> StageRun:  # type: ignore[override]
-        return StageRun()
 
 
 main = hydra_stage(run)
