@@ -63,6 +63,17 @@ def toy_model_dir(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def books(tmp_path_factory):
+    """Eight generated 'books' as *.txt files, shared by the stage tests that build on them."""
+    from longrope2.corpus import generate_documents
+
+    folder = tmp_path_factory.mktemp("books")
+    for i, text in enumerate(generate_documents(8, 1500, seed=5)):
+        (folder / f"book_{i}.txt").write_text(text)
+    return folder
+
+
 @pytest.fixture
 def book_folder(tmp_path):
     """Eight generated 'books' as *.txt files (corpus source: folder)."""

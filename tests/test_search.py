@@ -51,16 +51,6 @@ def _history(out):
 
 
 @pytest.fixture(scope="module")
-def books(tmp_path_factory):
-    from longrope2.corpus import generate_documents
-
-    folder = tmp_path_factory.mktemp("books")
-    for i, text in enumerate(generate_documents(4, 1500, seed=5)):
-        (folder / f"book_{i}.txt").write_text(text)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def reference(tmp_path_factory, toy_model_dir, books):
     """One uninterrupted single-process search: what every other run must reproduce."""
     out = tmp_path_factory.mktemp("reference")

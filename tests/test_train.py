@@ -59,16 +59,6 @@ def _curve(out, variant="longrope2"):
 
 
 @pytest.fixture(scope="module")
-def books(tmp_path_factory):
-    from longrope2.corpus import generate_documents
-
-    folder = tmp_path_factory.mktemp("books")
-    for i, text in enumerate(generate_documents(8, 1500, seed=5)):
-        (folder / f"book_{i}.txt").write_text(text)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def reference(tmp_path_factory, toy_model_dir, books):
     """One uninterrupted run, in this process, 8 epochs (72 steps)."""
     out = tmp_path_factory.mktemp("reference")
