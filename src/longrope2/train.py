@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -60,8 +61,8 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from longrope2 import mixed  # noqa: E402
 from longrope2.config import ConfigError, hydra_stage, to_dict  # noqa: E402
+from longrope2.fitness import needle_fitness  # noqa: E402
 from longrope2.inputs import load_needle_sets, load_tokenizer  # noqa: E402
-from longrope2.needle import needle_sample_losses  # noqa: E402
 from longrope2.outputs import atomic_dir, save_figure, write_json  # noqa: E402
 from longrope2.scaling import RopeFacts, RopeScaling, rope_facts_from_hf_config  # noqa: E402
 from longrope2.toy import torch_threads  # noqa: E402
@@ -115,14 +116,15 @@ class Rows:
         return rows
 
 
+@functools.lru_cache(maxsize=2)
+def _epoch_order(n_rows: int, seed: int, epoch: int) -> tuple[int, ...]:
+    return tuple(torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist())
+
+
 def step_rows(n_rows: int, global_batch: int, step: int, seed: int) -> list[int]:
     """The global batch of a step: a seeded permutation of the rows per epoch, consumed in order."""
-    out = []
-    for j in range(step * global_batch, (step + 1) * global_batch):
-        epoch, k = divmod(j, n_rows)
-        perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        out.append(int(perm[k]))
-    return out
+    return [_epoch_order(n_rows, seed, j // n_rows)[j % n_rows]
+            for j in range(step * global_batch, (step + 1) * global_batch)]
 
 
 def row_targets(rows: dict[str, Tensor], per_document: bool) -> tuple[Tensor, Tensor]:
@@ -417,10 +419,8 @@ def validate(cfg: DictConfig, model_dir: Path, device: torch.device) -> dict[str
         lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32 if device.type == "cpu" else None)
         lm.to(device).eval()
         for split, samples in chosen.items():
-            nll, em = needle_sample_losses(lm, samples, batch)
             out.setdefault(name, {})[split] = {"length": samples[0].length, "samples": len(samples),
-                                               "needle_ppl": math.exp(sum(nll) / len(nll)),
-                                               "exact_match": sum(em) / len(em)}
+                                               **needle_fitness(lm, samples, batch)}
         del lm
     if "validation_short" in chosen:
         base_em = out["base"]["validation_short"]["exact_match"]
