@@ -272,26 +272,26 @@ def micro_batches(rows: dict[str, Tensor], micro: int, layout: Layout = Layout()
             yield is_long, batch
 
 
-def forward_inputs(batch: dict[str, Tensor], is_long: bool, cfg: DictConfig, dtype: torch.dtype,
+def forward_inputs(batch: dict[str, Tensor], is_long: bool, cfg: DictConfig, mask_dtype: torch.dtype,
                    device: torch.device) -> dict[str, Tensor | None]:
     per_document = not is_long or str(cfg.train.long_row_attention) == "per_document"
     labels, weights = row_targets(batch, per_document)
     mask = None
     if per_document and str(cfg.train.attn_implementation) == "sdpa":
-        mask = mixed.document_causal_mask(batch["doc_ids"], dtype).to(device)
+        mask = mixed.document_causal_mask(batch["doc_ids"], mask_dtype).to(device)
     # flash attention: no mask; transformers reads the documents from the restarting position_ids.
     return {"input_ids": batch["input_ids"].to(device), "position_ids": batch["position_ids"].to(device),
             "attention_mask": mask, "labels": labels.to(device), "weights": weights.to(device)}
 
 
-def train_step(accelerator: Any, model: nn.Module, rows: dict[str, Tensor], cfg: DictConfig, dtype: torch.dtype,
+def train_step(accelerator: Any, model: nn.Module, rows: dict[str, Tensor], cfg: DictConfig, mask_dtype: torch.dtype,
                global_weight: float, layout: Layout = Layout(), cp_mesh: Any = None) -> Tensor:
     """Forward and backward of this process's rows; returns its (short, long) weighted NLL sums and weights."""
     sums = torch.zeros(4, dtype=torch.float64)  # short sum, short weight, long sum, long weight
     parts = list(micro_batches(rows, int(cfg.train.micro_batch), layout))
     scale = accelerator.num_processes / global_weight  # DDP / FSDP average the gradients over processes
     for i, (is_long, batch) in enumerate(parts):
-        inputs = forward_inputs(batch, is_long, cfg, dtype, accelerator.device)
+        inputs = forward_inputs(batch, is_long, cfg, mask_dtype, accelerator.device)
         sync = accelerator.no_sync(model) if i < len(parts) - 1 else contextlib.nullcontext()
         sharded = sequence_sharded(cp_mesh, model, inputs) if is_long and cp_mesh is not None \
             else contextlib.nullcontext()
@@ -474,8 +474,10 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
                                    mesh_dim_names=("dp", "cp"))["cp"]
     tokenizer = load_tokenizer(str(cfg.model.path))
     cuda = accelerator.device.type == "cuda"
-    dtype = torch.float32  # master weights; bf16 autocast on GPUs (accelerate's mixed precision)
-    lm, facts = load_base(cfg, str(cfg.train.attn_implementation), dtype)
+    # fp32 master weights; on GPUs bf16 autocast (accelerate's mixed precision), whose attention
+    # takes the document masks in its own dtype
+    lm, facts = load_base(cfg, str(cfg.train.attn_implementation), torch.float32)
+    mask_dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
     scaling = extension_scaling(cfg, facts, json.loads(rope_path.read_text()))
     scaling.apply_to_model(lm)  # config rope_parameters = longrope: transformers' own switch from here on
     if bool(cfg.train.gradient_checkpointing):
@@ -519,7 +521,7 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
             all_rows = rows.get(indices)
             global_weight = float(row_weight_total(all_rows, cfg))
             local = {k: v[layout.dp_rank :: layout.dp_world] for k, v in all_rows.items()}
-            sums = train_step(accelerator, model, local, cfg, dtype, global_weight, layout, cp_mesh)
+            sums = train_step(accelerator, model, local, cfg, mask_dtype, global_weight, layout, cp_mesh)
             sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
             loss = float((sums[0] + sums[2]) / global_weight)
             grad_norm = float(accelerator.clip_grad_norm_(params, float(t.grad_clip)))
