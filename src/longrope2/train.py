@@ -35,6 +35,7 @@ one-process gradient: N processes give the loss curve of 1 (gloo on CPUs, NCCL o
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import csv
 import dataclasses
@@ -106,7 +107,7 @@ class Rows:
         out: dict[str, list[Tensor]] = {k: [] for k in ("input_ids", "position_ids", "doc_ids", "loss_weight",
                                                          "is_long")}
         for j in indices:
-            s = next(k for k in range(len(self.shards)) if self.offsets[k] <= j < self.offsets[k + 1])
+            s = bisect.bisect_right(self.offsets, j) - 1  # the shard holding row j
             for key in out:
                 out[key].append(self.shards[s][key][j - self.offsets[s]])
         rows = {k: torch.stack(v) for k, v in out.items()}
@@ -127,9 +128,14 @@ def step_rows(n_rows: int, global_batch: int, step: int, seed: int) -> list[int]
             for j in range(step * global_batch, (step + 1) * global_batch)]
 
 
-def row_targets(rows: dict[str, Tensor], per_document: bool) -> tuple[Tensor, Tensor]:
-    """labels and label weights (n, L): never across documents where attention is per document."""
-    labels = mixed.causal_lm_labels(rows["input_ids"], rows["doc_ids"] if per_document else None)
+def per_document(cfg: DictConfig, is_long: bool) -> bool:
+    """Documents of a row attend (and predict) only within themselves: always in short rows."""
+    return not is_long or str(cfg.train.long_row_attention) == "per_document"
+
+
+def row_targets(rows: dict[str, Tensor], separate: bool) -> tuple[Tensor, Tensor]:
+    """labels and label weights (n, L): never across documents where they are ``separate``."""
+    labels = mixed.causal_lm_labels(rows["input_ids"], rows["doc_ids"] if separate else None)
     return labels, mixed.label_weights(rows["loss_weight"], labels)
 
 
@@ -274,10 +280,10 @@ def micro_batches(rows: dict[str, Tensor], micro: int, layout: Layout = Layout()
 
 def forward_inputs(batch: dict[str, Tensor], is_long: bool, cfg: DictConfig, mask_dtype: torch.dtype,
                    device: torch.device) -> dict[str, Tensor | None]:
-    per_document = not is_long or str(cfg.train.long_row_attention) == "per_document"
-    labels, weights = row_targets(batch, per_document)
+    separate = per_document(cfg, is_long)
+    labels, weights = row_targets(batch, separate)
     mask = None
-    if per_document and str(cfg.train.attn_implementation) == "sdpa":
+    if separate and str(cfg.train.attn_implementation) == "sdpa":
         mask = mixed.document_causal_mask(batch["doc_ids"], mask_dtype).to(device)
     # flash attention: no mask; transformers reads the documents from the restarting position_ids.
     return {"input_ids": batch["input_ids"].to(device), "position_ids": batch["position_ids"].to(device),
@@ -473,7 +479,6 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
         cp_mesh = init_device_mesh(accelerator.device.type, (layout.dp_world, layout.cp),
                                    mesh_dim_names=("dp", "cp"))["cp"]
     tokenizer = load_tokenizer(str(cfg.model.path))
-    cuda = accelerator.device.type == "cuda"
     # fp32 master weights; on GPUs bf16 autocast (accelerate's mixed precision), whose attention
     # takes the document masks in its own dtype
     lm, facts = load_base(cfg, str(cfg.train.attn_implementation), torch.float32)
@@ -572,7 +577,7 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
         for name in ("train.json", "loss.csv", "loss.png", "validation.json"):
             tracker.log_artifact(out / name)
     print(f"fine-tuned {variant}: {steps} steps, {tokens} tokens in {wall:.0f} s "
-          f"({summary['tokens_per_s'] or 0:.0f} tokens/s, {'cuda' if cuda else 'cpu'}) -> {out}")
+          f"({summary['tokens_per_s'] or 0:.0f} tokens/s, {summary['device']}) -> {out}")
     for name in ("base", "tuned"):
         for split, m in validation.get(name, {}).items():
             print(f"  {name:5s} {split:16s} ({m['length']:6d} tokens) needle-PPL {m['needle_ppl']:9.4f}   "
@@ -588,8 +593,7 @@ def row_weight_total(rows: dict[str, Tensor], cfg: DictConfig) -> Tensor:
     for is_long in (False, True):
         sel = rows["is_long"] == is_long
         if bool(sel.any()):
-            per_document = not is_long or str(cfg.train.long_row_attention) == "per_document"
-            _, weights = row_targets({k: v[sel] for k, v in rows.items()}, per_document)
+            _, weights = row_targets({k: v[sel] for k, v in rows.items()}, per_document(cfg, is_long))
             total += weights.double().sum()
     return total
 
