@@ -13,6 +13,7 @@ include: "workflow/rules/needle_data.smk"
 include: "workflow/rules/search.smk"
 include: "workflow/rules/train_data.smk"
 include: "workflow/rules/train.smk"
+include: "workflow/rules/evaluate.smk"
 
 
 rule all:
@@ -21,3 +22,4 @@ rule all:
         rules.critical_dim.output,
         rules.search.output,
         rules.train.output,
+        expand(rules.evaluate.output, variant=EVAL_VARIANTS, suite=EVAL_SUITES),

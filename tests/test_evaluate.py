@@ -1,0 +1,131 @@
+"""Stages eval_data and evaluate: every suite end to end on a toy model, offline (any hub or network
+access fails), one result file per (variant, suite), retention against the base, early errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from longrope2 import eval_data, evaluate
+from longrope2.config import ConfigError, compose_config
+
+TRIVIAQA = {"input": "Who wrote Hamlet?", "context": "Passage: Hamlet is a play by William Shakespeare. " * 20,
+            "answers": ["William Shakespeare"], "length": 200, "dataset": "triviaqa", "language": "en",
+            "all_classes": None, "_id": "t0"}
+KV = {"id": 0, "context": 'JSON data:\n{"a1": "v1", "b2": "v2"}', "input": "a1", "answer": ["v1"], "options": []}
+
+
+def _cfg(tmp_path, model_dir, folder, *extra):
+    return compose_config([
+        "experiment=smoke", f"out_dir={tmp_path / 'out'}", f"model.path={model_dir}", "tracking.enabled=false",
+        "data.corpus.source=folder", f"data.corpus.path={folder}", "data.corpus.heldout_fraction=0.0",
+        "model.train_len=64", "target_len=256", "data.search_set.books=3",
+        "eval.ruler.tasks=[niah_single_1,fwe,qa_squad,vt]", "eval.ruler.lengths=[512]", "eval.ruler.samples=2",
+        "eval.niah.lengths=[64,256]", "eval.niah.depths=[0.0,1.0]", "eval.niah.runs=2",
+        "eval.ppl.lengths=[64,256]", "eval.ppl.documents=2", "eval.ppl.max_tokens=600",
+        "eval.short.window=64", "eval.short.samples=6", "eval.batch_size=2", *extra,
+    ])
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, toy_model_dir, books):
+    """eval_data and every suite on the base, then on a 'fine-tuned' copy, with the network unreachable."""
+    tmp_path = tmp_path_factory.mktemp("eval")
+    lb = tmp_path / "longbench"
+    lb.mkdir()
+    (lb / "triviaqa.jsonl").write_text(json.dumps(TRIVIAQA) + "\n")
+    (lb / "kv_retrieval.jsonl").write_text(json.dumps(KV) + "\n")
+    mp = pytest.MonkeyPatch()
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+        mp.setenv(var, "http://127.0.0.1:9")  # nothing listens there: any download fails
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    mp.setenv("HF_DATASETS_OFFLINE", "1")
+    extra = [f"eval.longbench.path={lb}", "eval.longbench.tasks=[triviaqa,kv_retrieval]",
+             "eval.longbench.max_length=128"]
+    cfg = _cfg(tmp_path, toy_model_dir, books, *extra)
+    eval_data.run(cfg)
+    shutil.copytree(toy_model_dir, tmp_path / "out" / "train" / "tuned" / "model")
+    results = {}
+    for variant in ("base", "tuned"):
+        for suite in ("ruler", "niah", "ppl", "longbench", "short"):
+            results[variant, suite] = evaluate.run(_cfg(tmp_path, toy_model_dir, books, *extra,
+                                                        f"eval.variant={variant}", f"eval.suite={suite}"))
+    mp.undo()
+    return tmp_path / "out", results
+
+
+def test_eval_data_is_deterministic_and_records_what_does_not_fit(evaluated, tmp_path, toy_model_dir, books):
+    out, _ = evaluated
+    manifest = json.loads((out / "eval_data" / "ruler.json").read_text())
+    assert manifest["tasks"]["niah_single_1"]["512"]["samples"] == 2
+    assert "unavailable" in manifest["tasks"]["vt"]["512"]  # vt's template does not fit 512 toy tokens
+    cfg = _cfg(tmp_path, toy_model_dir, books)
+    eval_data.run(cfg)
+    for name in ("ruler/niah_single_1-512.jsonl", "ruler/fwe-512.jsonl", "short/toy_short_needle.jsonl"):
+        assert (tmp_path / "out" / "eval_data" / name).read_text() == (out / "eval_data" / name).read_text()
+
+
+def test_every_suite_writes_one_result_per_variant(evaluated):
+    out, results = evaluated
+    for (variant, suite), result in results.items():
+        on_disk = json.loads((out / "eval" / variant / suite / f"{suite}.json").read_text())
+        assert on_disk == json.loads(json.dumps(result))
+        assert on_disk["variant"] == variant and on_disk["suite"] == suite
+    ruler_result = results["base", "ruler"]
+    assert ruler_result["lengths"] == [512] and set(ruler_result["table"]) == {"niah_single_1", "fwe", "qa_squad", "vt"}
+    assert ruler_result["table"]["vt"] == {} and "512" in ruler_result["unavailable"]["vt"]
+    predictions = (out / "eval" / "base" / "ruler" / "predictions.jsonl").read_text().splitlines()
+    manifest = json.loads((out / "eval_data" / "ruler.json").read_text())["tasks"]
+    with_data = [t for t, per in manifest.items() if "samples" in per["512"]]
+    assert "niah_single_1" in with_data and len(predictions) == sum(manifest[t]["512"]["samples"] for t in with_data)
+    for task in set(manifest) - set(with_data):  # kept in the table, with the reason
+        assert ruler_result["table"][task] == {} and "512" in ruler_result["unavailable"][task]
+    assert (out / "eval" / "base" / "ruler" / "ruler.csv").read_text().startswith("task,512\nniah_single_1,")
+    niah = results["base", "niah"]
+    assert niah["lengths"] == [64, 256] and niah["depths"] == [0.0, 1.0]
+    assert (out / "eval" / "base" / "niah" / "niah.png").stat().st_size > 0
+    assert set(results["base", "ppl"]["by_length"]) == {"64", "256"}
+    assert results["base", "ppl"]["by_length"]["64"]["ppl"] > 1
+    longbench = results["base", "longbench"]
+    assert longbench["skipped"] is None and set(longbench["tasks"]) == {"triviaqa", "kv_retrieval"}
+
+
+def test_short_tasks_and_retention(evaluated):
+    _, results = evaluated
+    base, tuned = results["base", "short"], results["tuned", "short"]
+    assert set(base["tasks"]) == {"toy_short_needle", "toy_short_ppl"}
+    assert base["average"] == base["tasks"]["toy_short_needle"]["value"]  # perplexity stays out of the average
+    assert "retention" not in base
+    # the same weights under another name: the same scores, retention exactly 1 (or undefined at 0)
+    assert tuned["tasks"] == base["tasks"]
+    assert tuned["retention"] == (1.0 if base["average"] else None)
+
+
+def test_longbench_without_a_folder_is_skipped_with_a_line(evaluated, tmp_path, toy_model_dir, books):
+    out, _ = evaluated
+    shutil.copytree(out / "eval_data", tmp_path / "out" / "eval_data")
+    result = evaluate.run(_cfg(tmp_path, toy_model_dir, books, "eval.variant=base", "eval.suite=longbench"))
+    assert result["tasks"] == {} and "eval.longbench.path" in result["skipped"]
+
+
+def test_bad_input_fails_before_any_model_is_loaded(tmp_path, toy_model_dir, books):
+    with pytest.raises(ConfigError, match=r'eval.suite = "needle": accepted: null, ruler, niah, longbench, short, ppl'):
+        evaluate.run(_cfg(tmp_path, toy_model_dir, books, "eval.variant=base", "eval.suite=needle"))
+    with pytest.raises(ConfigError, match=r"^eval.suite = 'ppl'; accepted: one of eval.suites \(niah, short\)$"):
+        evaluate.run(_cfg(tmp_path, toy_model_dir, books, "eval.variant=base", "eval.suite=ppl",
+                          "eval.suites=[niah,short]"))
+    with pytest.raises(ConfigError, match=r"eval_data/eval_data.json is missing: run stage eval_data first"):
+        evaluate.run(_cfg(tmp_path, toy_model_dir, books, "eval.variant=base", "eval.suite=niah"))
+    (tmp_path / "out" / "eval_data").mkdir(parents=True)
+    (tmp_path / "out" / "eval_data" / "eval_data.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"eval.variant = 'longrope2': no exported model at .*; accepted: base$"):
+        evaluate.run(_cfg(tmp_path, toy_model_dir, books, "eval.variant=longrope2", "eval.suite=niah"))
+    with pytest.raises(ConfigError, match=r"eval.longbench.path: triviaqa: data file not found"):
+        evaluate.run(_cfg(tmp_path, toy_model_dir, books, "eval.variant=base", "eval.suite=longbench",
+                          f"eval.longbench.path={tmp_path}"))
+    with pytest.raises(ConfigError, match=r"RULER source files missing \(eval.ruler.source_dir="):
+        eval_data.run(_cfg(tmp_path, toy_model_dir, books, f"eval.ruler.source_dir={tmp_path}",
+                           "eval.ruler.tasks=[niah_single_2]"))
+    assert not (tmp_path / "out" / "eval").exists()
