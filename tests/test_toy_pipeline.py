@@ -68,3 +68,29 @@ def test_toy_fine_tuning_meets_the_acceptance_with_the_recorded_figures(toy_run)
     assert config["rope_parameters"]["long_factor"] == json.loads(
         (toy_run / "search" / "result.json").read_text())["long_factor"]
     assert not any((toy_run / "checkpoints").glob("train-*"))  # removed once the outputs exist
+
+
+def test_toy_evaluations_show_the_extension_with_the_recorded_figures(toy_run):
+    """Issue 5: every suite on both variants; the base fails beyond its window where the LongRoPE2
+    model retrieves, retention holds, RULER keeps every task, LongBench says it was skipped."""
+    golden = json.loads((GOLDEN_DIR / "toy_pipeline.json").read_text())["eval"]
+    result = {(v, s): json.loads((toy_run / "eval" / v / s / f"{s}.json").read_text())
+              for v in ("base", "longrope2") for s in ("ruler", "niah", "longbench", "short", "ppl")}
+    base_niah, tuned_niah = result["base", "niah"]["mean_by_length"], result["longrope2", "niah"]["mean_by_length"]
+    assert base_niah["128"] >= 0.95 and base_niah["1024"] <= 0.05  # inside vs 8x its window
+    assert tuned_niah["128"] >= 0.95 and tuned_niah["1024"] >= 0.85
+    assert result["longrope2", "short"]["retention"] >= 0.98
+    # the LongRoPE2 model models held-out text better at every length beyond the window
+    for length in ("256", "512", "1024", "2048"):
+        assert result["longrope2", "ppl"]["by_length"][length]["ppl"] < result["base", "ppl"]["by_length"][length]["ppl"]
+    for variant in ("base", "longrope2"):
+        ruler = result[variant, "ruler"]
+        assert len(ruler["table"]) == 13 and ruler["lengths"] == [256, 512, 1024, 2048]
+        assert "vt" in ruler["unavailable"]  # its template alone exceeds 2048 toy tokens: reported, not dropped
+        assert "eval.longbench.path" in result[variant, "longbench"]["skipped"]
+        for key, figures in golden[variant].items():
+            suite, field = key.split(".")
+            measured = result[variant, suite][field]
+            if suite == "ppl":
+                measured = {length: v["ppl"] for length, v in measured.items()}
+            assert measured == pytest.approx(figures, rel=1e-3, abs=1e-6), (variant, key)

@@ -227,7 +227,9 @@ def toy_task_yaml(task: str, data_file: Path) -> dict[str, Any]:
                 "doc_to_target": "{{target}}", "target_delimiter": "",
                 "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]}
     return {**common, "output_type": "loglikelihood_rolling", "doc_to_text": "", "doc_to_target": "{{text}}",
-            "metric_list": [{"metric": m} for m in ("word_perplexity", "byte_perplexity", "bits_per_byte")]}
+            "metric_list": [{"metric": m, "aggregation": agg, "higher_is_better": False} for m, agg in (
+                ("word_perplexity", "weighted_perplexity"), ("byte_perplexity", "weighted_perplexity"),
+                ("bits_per_byte", "bits_per_byte"))]}
 
 
 def eval_short(cfg: DictConfig, model: Any, tokenizer: Any, data: Path, out: Path) -> dict[str, Any]:
