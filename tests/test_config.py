@@ -101,7 +101,7 @@ def test_snakemake_config_becomes_hydra_overrides():
         "experiment": "llama3_8b_128k",
         "seed": 3,
         "model": {"path": "/models/llama3"},
-        "overrides": ["search.population=48", "search.parents=16", "eval.ruler_lengths=[4096,8192]"],
+        "overrides": ["search.population=48", "search.parents=16", "eval.ruler.lengths=[4096,8192]"],
     }
     overrides = overrides_from_snakemake(config)
     assert overrides == [
@@ -110,11 +110,11 @@ def test_snakemake_config_becomes_hydra_overrides():
         "model.path=/models/llama3",
         "search.population=48",
         "search.parents=16",
-        "eval.ruler_lengths=[4096,8192]",
+        "eval.ruler.lengths=[4096,8192]",
     ]
     cfg = compose_config(overrides)
     assert (cfg.model.path, cfg.search.population, cfg.seed) == ("/models/llama3", 48, 3)
-    assert list(cfg.eval.ruler_lengths) == [4096, 8192]
+    assert list(cfg.eval.ruler.lengths) == [4096, 8192]
     assert overrides_from_snakemake({"overrides": "seed=1", "flag": True}) == ["flag=true", "seed=1"]
 
 

@@ -25,7 +25,8 @@ def _cfg(tmp_path, model_dir, folder, *extra):
         "eval.ruler.tasks=[niah_single_1,fwe,qa_squad,vt]", "eval.ruler.lengths=[512]", "eval.ruler.samples=2",
         "eval.niah.lengths=[64,256]", "eval.niah.depths=[0.0,1.0]", "eval.niah.runs=2",
         "eval.ppl.lengths=[64,256]", "eval.ppl.documents=2", "eval.ppl.max_tokens=600",
-        "eval.short.window=64", "eval.short.samples=6", "eval.batch_size=2", *extra,
+        "eval.short.window=64", "eval.short.samples=6", "eval.batch_size=2",
+        "eval.suites=[ruler,niah,longbench,short,ppl]", *extra,
     ])
 
 

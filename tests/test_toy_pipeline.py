@@ -1,5 +1,5 @@
-"""The default job itself: the whole toy DAG (`snakemake --cores 2`, ~4.5 min), checked against
-its recorded (golden) figures and the acceptance lines of the pretrain, search and train stages."""
+"""The default job itself: the whole toy DAG (`snakemake --cores 2`, ~8 min), checked against its
+recorded (golden) figures and the acceptance lines of the pretrain, search, train and evaluate stages."""
 
 import json
 from pathlib import Path
@@ -13,7 +13,10 @@ GOLDEN_DIR = Path(__file__).parent / "golden"
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("toy")
-    proc = run_snakemake("--cores", "2", "--config", f"out_dir={root}/results/toy", cwd=root, timeout=1500)
+    # RULER and LongBench are left to tests/test_evaluate.py (the toy scores ~0 on RULER's prompts; no
+    # LongBench data): CI time. `make run` runs every suite.
+    proc = run_snakemake("--cores", "2", "--config", f"out_dir={root}/results/toy",
+                         'overrides=["eval.suites=[niah,short,ppl]"]', cwd=root, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return root / "results" / "toy"
 
@@ -71,11 +74,11 @@ def test_toy_fine_tuning_meets_the_acceptance_with_the_recorded_figures(toy_run)
 
 
 def test_toy_evaluations_show_the_extension_with_the_recorded_figures(toy_run):
-    """Issue 5: every suite on both variants; the base fails beyond its window where the LongRoPE2
-    model retrieves, retention holds, RULER keeps every task, LongBench says it was skipped."""
+    """Issue 5 on both variants: the base fails beyond its window where the LongRoPE2 model
+    retrieves, retention holds, perplexity keeps improving with context."""
     golden = json.loads((GOLDEN_DIR / "toy_pipeline.json").read_text())["eval"]
     result = {(v, s): json.loads((toy_run / "eval" / v / s / f"{s}.json").read_text())
-              for v in ("base", "longrope2") for s in ("ruler", "niah", "longbench", "short", "ppl")}
+              for v in ("base", "longrope2") for s in ("niah", "short", "ppl")}
     base_niah, tuned_niah = result["base", "niah"]["mean_by_length"], result["longrope2", "niah"]["mean_by_length"]
     assert base_niah["128"] >= 0.95 and base_niah["1024"] <= 0.05  # inside vs 8x its window
     assert tuned_niah["128"] >= 0.95 and tuned_niah["1024"] >= 0.85
@@ -85,10 +88,6 @@ def test_toy_evaluations_show_the_extension_with_the_recorded_figures(toy_run):
     for length in ("256", "512", "1024", "2048"):
         assert tuned_ppl[length]["ppl"] < base_ppl[length]["ppl"]
     for variant in ("base", "longrope2"):
-        ruler = result[variant, "ruler"]
-        assert len(ruler["table"]) == 13 and ruler["lengths"] == [256, 512, 1024, 2048]
-        assert "vt" in ruler["unavailable"]  # its template alone exceeds 2048 toy tokens: reported, not dropped
-        assert "eval.longbench.path" in result[variant, "longbench"]["skipped"]
         for key, figures in golden[variant].items():
             suite, field = key.split(".")
             measured = result[variant, suite][field]
