@@ -14,6 +14,7 @@ include: "workflow/rules/search.smk"
 include: "workflow/rules/train_data.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:
@@ -23,3 +24,4 @@ rule all:
         rules.search.output,
         rules.train.output,
         expand(rules.evaluate.output, variant=EVAL_VARIANTS, suite=EVAL_SUITES),
+        rules.report.output,

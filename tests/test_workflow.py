@@ -7,12 +7,12 @@ import time
 import pytest
 from conftest import run_snakemake
 
+DAG = {"critical_dim", "needle_data", "search", "train_data", "train", "eval_data", "evaluate", "report", "all"}
 EXPERIMENT_RULES = {
-    "toy": {"pretrain", "critical_dim", "needle_data", "search", "train_data", "train", "eval_data", "evaluate", "all"},
-    "smoke": {"pretrain", "critical_dim", "needle_data", "search", "train_data", "train", "eval_data", "evaluate",
-              "all"},
-    "llama3_8b_128k": {"critical_dim", "needle_data", "search", "train_data", "train", "eval_data", "evaluate", "all"},
-    "phi3_mini_128k": {"critical_dim", "needle_data", "search", "train_data", "train", "eval_data", "evaluate", "all"},
+    "toy": DAG | {"pretrain"},
+    "smoke": DAG | {"pretrain"},
+    "llama3_8b_128k": DAG,
+    "phi3_mini_128k": DAG,
 }
 
 
@@ -110,7 +110,7 @@ def test_smoke_end_to_end_with_tracking(tmp_path):
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     evaluations = {f"evaluate-{v}-niah" for v in ("base", "longrope2")}
     assert set(children) == {"pretrain", "critical_dim", "needle_data", "search", "train_data", "train", "eval_data",
-                             *evaluations}
+                             "report", *evaluations}
     for child in children.values():
         assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         assert child.info.status == "FINISHED"
@@ -134,6 +134,8 @@ def test_smoke_end_to_end_with_tracking(tmp_path):
     niah = json.loads((out / "eval" / "base" / "niah" / "niah.json").read_text())
     assert niah["lengths"] == [128, 1024] and (out / "eval" / "base" / "niah" / "niah.png").exists()
     assert "niah_em_1024" in children["evaluate-longrope2-niah"].data.metrics
+    assert "| longrope2 |" in (out / "report" / "niah.md").read_text()
+    assert (out / "report" / "niah_longrope2.png").exists() and (out / "report" / "loss_longrope2.png").exists()
     assert elapsed < 240, f"smoke run took {elapsed:.0f} s"
 
     # A second invocation has nothing to do.
@@ -144,7 +146,7 @@ def test_smoke_end_to_end_with_tracking(tmp_path):
         plan = run_snakemake("-n", "--config", "experiment=smoke", f"overrides=[{override}]", cwd=tmp_path)
         assert plan.returncode == 0, plan.stderr
         # ... and the evaluations of the fine-tuned variant
-        assert planned_rules(plan.stdout) == {"train", "evaluate", "all"}, (override, plan.stdout[-2000:])
+        assert planned_rules(plan.stdout) == {"train", "evaluate", "report", "all"}, (override, plan.stdout[-2000:])
         assert "variant=base" not in plan.stdout
 
 

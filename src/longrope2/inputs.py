@@ -17,6 +17,11 @@ from longrope2.config import ConfigError
 from longrope2.needle import NeedleSample, NeedleTemplate, template_for, unstack_samples
 
 
+def eval_variants(cfg: DictConfig) -> list[str]:
+    """The evaluated models: the original (base) and the fine-tuned variant this config trains."""
+    return ["base", "longrope2" if cfg.train.mixed_window else "longrope2_no_mixed"]
+
+
 def load_tokenizer(path: str) -> Any:
     from transformers import AutoTokenizer
 

@@ -7,6 +7,7 @@ from snakemake.exceptions import WorkflowError
 
 from longrope2.config import ConfigError, compose_config, overrides_from_snakemake, to_dict
 from longrope2 import tracking
+from longrope2.inputs import eval_variants
 
 OVERRIDES = overrides_from_snakemake(config)
 try:
@@ -19,9 +20,8 @@ OUT = CFG.out_dir
 HYDRA_ARGS = " ".join(shlex.quote(o) for o in OVERRIDES).replace("{", "{{").replace("}", "}}")
 PRETRAIN = bool(CFG.model.pretrain.enabled)
 # train.mixed_window=false (Table 7) writes beside the default, not over it.
-TRAIN_VARIANT = "longrope2" if CFG.train.mixed_window else "longrope2_no_mixed"
 # Evaluated models: the original (base) and the fine-tuned variant; one job per (variant, suite).
-BASE_VARIANT = "base"
+BASE_VARIANT, TRAIN_VARIANT = eval_variants(CFG)
 EVAL_VARIANTS = [BASE_VARIANT, TRAIN_VARIANT]
 EVAL_SUITES = list(CFG.eval.suites)
 

@@ -1,0 +1,160 @@
+"""Stage `report`: the evaluations as the paper's tables and figures, next to the paper's numbers.
+
+In:  eval/<variant>/<suite>/<suite>.json of every evaluated variant and suite (stage evaluate),
+     train/<variant>/loss.png, search/factors.png, critical_dim/periods.png; report.paper names the
+     paper model whose numbers stand beside ours (null for the toy).
+Out: <out_dir>/report/: report.md (every table, the figures), each table as .md, .csv and .tex
+     (Table 2 RULER by length, Tables 8-9 RULER per task, Table 4 short tasks and retention, Table 3
+     LongBench / InfiniteBench, NIAH and perplexity by length), ruler_by_length.png, the NIAH
+     heatmaps and the training / search figures.
+
+    python -m longrope2.report experiment=toy
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import yaml  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from longrope2 import tables  # noqa: E402
+from longrope2.config import ConfigError, hydra_stage  # noqa: E402
+from longrope2.inputs import eval_variants  # noqa: E402
+from longrope2.outputs import atomic_dir, save_figure  # noqa: E402
+from longrope2.tracking import stage_run  # noqa: E402
+
+
+def _str_keys(data: Any) -> Any:
+    """Lengths are integer keys in the YAML and strings in our JSON results."""
+    if isinstance(data, dict):
+        return {str(k): _str_keys(v) for k, v in data.items()}
+    return data
+
+
+def paper_numbers(name: str | None) -> dict[str, Any]:
+    """The paper's tables for one base model (spec §7), or {} for none."""
+    if name is None:
+        return {}
+    data = _str_keys(yaml.safe_load(importlib.resources.files("longrope2").joinpath("paper_tables.yaml").read_text()))
+    return {
+        "table2": data["table2_ruler_avg"][name],
+        "table4": data["table4_short"][name],
+        "tables8_9": data["tables8_9_ruler_per_task"][f"{name}_longrope2"],
+    }
+
+
+def load_results(cfg: DictConfig) -> dict[str, dict[str, dict[str, Any]]]:
+    """suite -> variant -> result; every (variant, suite) of the experiment must exist."""
+    root = Path(cfg.out_dir) / "eval"
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    missing = []
+    for suite in cfg.eval.suites:
+        for variant in eval_variants(cfg):
+            path = root / variant / suite / f"{suite}.json"
+            if not path.is_file():
+                missing.append(str(path))
+                continue
+            results.setdefault(suite, {})[variant] = json.loads(path.read_text())
+    if missing:
+        raise ConfigError(f"report: evaluation results missing (run stage evaluate first): {', '.join(missing)}")
+    return results
+
+
+def build_tables(results: dict[str, dict[str, dict[str, Any]]], paper: dict[str, Any]) -> list[tables.Table]:
+    out = []
+    if "ruler" in results:
+        out.append(tables.ruler_by_length(results["ruler"], paper.get("table2")))
+        for variant, result in results["ruler"].items():
+            per_task = paper.get("tables8_9") if variant == "longrope2" else None
+            out.append(tables.ruler_per_task(variant, result, per_task))
+    if "short" in results:
+        out.append(tables.short_tasks(results["short"], paper.get("table4")))
+    if "longbench" in results:
+        out.append(tables.longbench(results["longbench"]))
+    if "niah" in results:
+        out.append(tables.niah_by_length(results["niah"]))
+    if "ppl" in results:
+        out.append(tables.perplexity_by_length(results["ppl"]))
+    return out
+
+
+def plot_ruler_by_length(ruler: dict[str, dict[str, Any]], paper: dict[str, Any], cfg: DictConfig, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for variant, result in ruler.items():
+        lengths = [int(n) for n in result["lengths"]]
+        ax.plot(lengths, [result["average"].get(str(n)) for n in lengths], "o-", label=variant)
+    for method, by_length in (paper.get("table2") or {}).items():
+        lengths = sorted(int(n) for n in by_length)
+        ax.plot(lengths, [by_length[str(n)] for n in lengths], "x--", alpha=0.6, label=f"paper: {method}")
+    ax.axvline(int(cfg.model.train_len), color="tab:green", ls=":", label="$L_{train}$")
+    ax.axvline(int(cfg.target_len), color="tab:red", ls=":", label="$L$")
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(0, 100)
+    ax.set_xlabel("length (tokens)")
+    ax.set_ylabel("RULER average")
+    ax.set_title(f"RULER average by length, {cfg.experiment_name}")
+    ax.legend(fontsize=7)
+    save_figure(fig, path)
+
+
+def copy_figures(cfg: DictConfig, out: Path) -> list[str]:
+    """The figures a reader wants next to the tables, from the stages that made them."""
+    root = Path(cfg.out_dir)
+    sources = {"periods.png": root / "critical_dim" / "periods.png", "factors.png": root / "search" / "factors.png",
+               "convergence.png": root / "search" / "convergence.png"}
+    for variant in eval_variants(cfg):
+        sources[f"niah_{variant}.png"] = root / "eval" / variant / "niah" / "niah.png"
+        sources[f"loss_{variant}.png"] = root / "train" / variant / "loss.png"
+    copied = []
+    for name, source in sources.items():
+        if source.is_file():
+            shutil.copyfile(source, out / name)
+            copied.append(name)
+    return copied
+
+
+def report_markdown(cfg: DictConfig, built: list[tables.Table], figures: list[str]) -> str:
+    lines = [f"# {cfg.experiment_name}: LongRoPE2 evaluation report", "",
+             f"Model: {cfg.model.name} ({cfg.model.path}); L_train {cfg.model.train_len} -> L {cfg.target_len}; "
+             f"seed {cfg.seed}. Variants: {', '.join(eval_variants(cfg))} (base = original RoPE).", ""]
+    if cfg.report.paper is None:
+        lines += ["No paper numbers beside these (report.paper is null: the paper has no toy).", ""]
+    for table in built:
+        lines += [tables.to_markdown(table)]
+    lines += ["## Figures", ""] + [f"![{name}]({name})" for name in figures]
+    return "\n".join(lines) + "\n"
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    out = Path(cfg.out_dir) / "report"
+    results = load_results(cfg)
+    paper = paper_numbers(cfg.report.paper)
+    with stage_run(cfg, "report") as tracker:
+        built = build_tables(results, paper)
+        with atomic_dir(out) as scratch:
+            for name, text in tables.render_all(built).items():
+                (scratch / name).write_text(text)
+            figures = []
+            if "ruler" in results:
+                plot_ruler_by_length(results["ruler"], paper, cfg, scratch / "ruler_by_length.png")
+                figures.append("ruler_by_length.png")
+            figures += copy_figures(cfg, scratch)
+            (scratch / "report.md").write_text(report_markdown(cfg, built, figures))
+        tracker.log_artifact(out, "report")
+    print(f"report: {len(built)} tables, {len(figures)} figures -> {out / 'report.md'}")
+    return {"tables": [t.name for t in built], "figures": figures}
+
+
+main = hydra_stage(run)
+
+if __name__ == "__main__":
+    main()

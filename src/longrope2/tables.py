@@ -1,0 +1,175 @@
+"""The paper's table shapes built from evaluation results, rendered as Markdown, CSV and LaTeX.
+
+Pure functions of the `evaluate` stage's result dictionaries (``eval/<variant>/<suite>/<suite>.json``)
+and the paper's numbers (``paper_tables.yaml``, spec §7); no I/O.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+MISSING = "—"
+
+
+@dataclass(frozen=True)
+class Table:
+    name: str  # file stem: table2_ruler, ...
+    title: str
+    header: list[str]
+    rows: list[list[Any]]
+    notes: list[str] = field(default_factory=list)
+
+
+def fmt(value: Any, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return MISSING
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def to_markdown(table: Table) -> str:
+    lines = [f"**{table.title}**", ""]
+    if table.rows:
+        lines += ["| " + " | ".join(table.header) + " |", "|" + "|".join("---" for _ in table.header) + "|"]
+        lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in table.rows]
+        lines += [""]
+    lines += [f"- {note}" for note in table.notes]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def to_csv(table: Table) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(table.header)
+    writer.writerows([["" if v is None else v for v in row] for row in table.rows])
+    return buf.getvalue()
+
+
+def _tex(text: str) -> str:
+    for char, escaped in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#")):
+        text = text.replace(char, escaped)
+    return text
+
+
+def to_latex(table: Table) -> str:
+    cols = "l" + "r" * (len(table.header) - 1)
+    lines = [r"\begin{table}[t]", r"\centering", rf"\caption{{{_tex(table.title)}}}",
+             rf"\begin{{tabular}}{{{cols}}}", r"\toprule", " & ".join(_tex(h) for h in table.header) + r" \\",
+             r"\midrule"]
+    lines += [" & ".join(_tex(fmt(v)) for v in row) + r" \\" for row in table.rows]
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def _length_label(n: int) -> str:
+    return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
+def _diff(ours: float | None, paper: float | None) -> float | None:
+    return None if ours is None or paper is None else round(ours - paper, 2)
+
+
+def ruler_by_length(results: Mapping[str, Mapping[str, Any]], paper: Mapping[str, Mapping[str, float]] | None = None,
+                    ) -> Table:
+    """Table 2: the RULER average per length, one row per variant; the paper's rows (same lengths) and
+    ours minus the paper's for a variant named like a paper method."""
+    lengths = sorted({int(n) for r in results.values() for n in r["lengths"]})
+    rows: list[list[Any]] = []
+    for variant, result in results.items():
+        rows.append([variant, *[result["average"].get(str(n)) for n in lengths]])
+    notes = []
+    if paper:
+        for method, by_length in paper.items():
+            rows.append([f"paper: {method}", *[by_length.get(str(n)) for n in lengths]])
+            if method in results:
+                rows.append([f"{method} − paper",
+                             *[_diff(results[method]["average"].get(str(n)), by_length.get(str(n))) for n in lengths]])
+        notes.append("Paper rows: LongRoPE2 (arXiv 2502.20082) Table 2.")
+    effective = {v: r.get("effective_length") for v, r in results.items()}
+    notes.append("Effective length (average above the threshold up to that length): "
+                 + ", ".join(f"{v} {fmt(e)}" for v, e in effective.items()) + ".")
+    return Table("table2_ruler", "RULER average by length (Table 2)", ["model", *map(_length_label, lengths)],
+                 rows, notes)
+
+
+def ruler_per_task(variant: str, result: Mapping[str, Any],
+                   paper: Mapping[str, Mapping[str, float]] | None = None) -> Table:
+    """Tables 8-9: RULER per task and length for one variant (— where a task has no data at a length);
+    with the paper's per-task numbers for the same lengths beside ours."""
+    lengths = [int(n) for n in result["lengths"]]
+    header = ["task", *map(_length_label, lengths)]
+    if paper:
+        header += [f"paper {_length_label(n)}" for n in lengths]
+    rows = []
+    for task in result["tasks"]:
+        row = [task, *[result["table"].get(task, {}).get(str(n)) for n in lengths]]
+        if paper:
+            row += [paper.get(str(n), {}).get(task) for n in lengths]
+        rows.append(row)
+    avg = ["average", *[result["average"].get(str(n)) for n in lengths]]
+    if paper:
+        avg += [paper.get(str(n), {}).get("avg") for n in lengths]
+    rows.append(avg)
+    notes = [f"{task} at {', '.join(map(_length_label, map(int, per)))}: no sample fits (see ruler.json)"
+             for task, per in result.get("unavailable", {}).items()]
+    return Table(f"tables8_9_ruler_{variant}", f"RULER per task, {variant} (Tables 8-9)", header, rows, notes)
+
+
+def short_tasks(results: Mapping[str, Mapping[str, Any]],
+                paper: Mapping[str, Mapping[str, float]] | None = None) -> Table:
+    """Table 4: the short tasks, their average and retention (average over the base's), per variant."""
+    tasks = list(dict.fromkeys(t for r in results.values() for t in r["tasks"]))
+    header = ["model", "avg", *tasks, "retention"]
+    rows = []
+    for variant, result in results.items():
+        rows.append([variant, result.get("average"), *[result["tasks"].get(t, {}).get("value") for t in tasks],
+                     result.get("retention")])
+    notes = []
+    if paper:
+        keys = {t: t.split("_mc")[0] for t in tasks}  # truthfulqa_mc2 -> truthfulqa
+        for method, values in paper.items():
+            rows.append([f"paper: {method}", values.get("avg"), *[values.get(keys[t]) for t in tasks], None])
+        notes.append("Paper rows: Table 4 (× 100; ours are fractions where lm-eval reports fractions).")
+    return Table("table4_short", "Short tasks and retention (Table 4)", header, rows, notes)
+
+
+def niah_by_length(results: Mapping[str, Mapping[str, Any]]) -> Table:
+    """Needle-in-a-haystack exact match per length (mean over depths), one row per variant."""
+    lengths = sorted({int(n) for r in results.values() for n in r["lengths"]})
+    rows = [[v, *[r["mean_by_length"].get(str(n)) for n in lengths]] for v, r in results.items()]
+    return Table("niah", "Needle in a haystack: exact match by length (mean over depths)",
+                 ["model", *map(_length_label, lengths)], rows)
+
+
+def perplexity_by_length(results: Mapping[str, Mapping[str, Any]]) -> Table:
+    lengths = sorted({int(n) for r in results.values() for n in r["by_length"]})
+    rows = [[v, *[r["by_length"].get(str(n), {}).get("ppl") for n in lengths]] for v, r in results.items()]
+    return Table("perplexity", "Perplexity of held-out documents by window length",
+                 ["model", *map(_length_label, lengths)], rows)
+
+
+def longbench(results: Mapping[str, Mapping[str, Any]]) -> Table:
+    tasks = list(dict.fromkeys(t for r in results.values() for t in r.get("tasks", {})))
+    rows, notes = [], []
+    for variant, result in results.items():
+        if result.get("skipped"):
+            notes.append(f"{variant}: {result['skipped']}")
+            continue
+        rows.append([variant, *[result["tasks"].get(t, {}).get("score") for t in tasks], result.get("average")])
+    return Table("table3_longbench", "LongBench / InfiniteBench (Table 3)", ["model", *tasks, "avg"], rows, notes)
+
+
+def render_all(tables: Sequence[Table]) -> dict[str, str]:
+    """file name -> text, for every table in every format."""
+    files = {}
+    for table in tables:
+        files[f"{table.name}.md"] = to_markdown(table)
+        files[f"{table.name}.csv"] = to_csv(table)
+        files[f"{table.name}.tex"] = to_latex(table)
+    return files

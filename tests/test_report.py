@@ -1,0 +1,77 @@
+"""Stage report: the paper's table shapes from evaluation results, the paper's numbers beside ours
+with the difference, the three formats, early errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from longrope2 import report, tables
+from longrope2.config import ConfigError, compose_config
+
+
+def _ruler(avg: dict[str, float], tasks: dict[str, dict[str, float]], unavailable=None) -> dict:
+    return {"lengths": [int(n) for n in avg], "average": avg, "table": tasks, "tasks": list(tasks),
+            "unavailable": unavailable or {}, "effective_length": None}
+
+
+def test_table2_puts_the_papers_rows_and_the_difference_beside_ours():
+    paper = report.paper_numbers("llama3_8b")
+    assert paper["table2"]["longrope2"]["131072"] == 82.03  # spec §7
+    ours = {"base": _ruler({"4096": 90.0, "131072": 10.0}, {}),
+            "longrope2": _ruler({"4096": 94.0, "131072": 80.0}, {})}
+    table = tables.ruler_by_length(ours, paper["table2"])
+    assert table.header == ["model", "4k", "128k"]
+    rows = {row[0]: row[1:] for row in table.rows}
+    assert rows["longrope2"] == [94.0, 80.0]
+    assert rows["paper: yarn"] == [91.86, 49.39]
+    assert rows["longrope2 − paper"] == [pytest.approx(-0.61), pytest.approx(-2.03)]
+    assert "base − paper" not in rows  # the paper has no row for the original model in Table 2
+    md = tables.to_markdown(table)
+    assert "| longrope2 − paper | -0.61 | -2.03 |" in md
+    assert tables.to_csv(table).splitlines()[0] == "model,4k,128k"
+    tex = tables.to_latex(table)
+    assert r"\begin{tabular}{lrr}" in tex and r"paper: yarn & 91.86 & 49.39 \\" in tex
+
+
+def test_per_task_table_keeps_tasks_without_data():
+    result = _ruler({"256": 50.0, "512": 0.0}, {"niah_single_1": {"256": 100.0, "512": 0.0}, "vt": {}},
+                    unavailable={"vt": {"256": "too long", "512": "too long"}})
+    table = tables.ruler_per_task("longrope2", result)
+    assert table.rows[0] == ["niah_single_1", 100.0, 0.0]
+    assert table.rows[1] == ["vt", None, None] and table.rows[-1] == ["average", 50.0, 0.0]
+    assert "| vt | — | — |" in tables.to_markdown(table)
+    assert table.notes == ["vt at 256, 512: no sample fits (see ruler.json)"]
+
+
+def test_short_table_retention_and_latex_escaping():
+    results = {"base": {"average": 0.5, "tasks": {"toy_short_needle": {"value": 0.5}}},
+               "longrope2": {"average": 0.49, "retention": 0.98, "tasks": {"toy_short_needle": {"value": 0.49}}}}
+    table = tables.short_tasks(results)
+    assert table.rows == [["base", 0.5, 0.5, None], ["longrope2", 0.49, 0.49, 0.98]]
+    assert r"toy\_short\_needle" in tables.to_latex(table)
+
+
+def _write(out, variant, suite, data):
+    folder = out / "eval" / variant / suite
+    folder.mkdir(parents=True)
+    (folder / f"{suite}.json").write_text(json.dumps(data))
+
+
+def test_report_stage_writes_every_table_and_says_what_is_missing(tmp_path):
+    cfg = compose_config(["experiment=smoke", f"out_dir={tmp_path}", "tracking.enabled=false",
+                          "eval.suites=[niah,longbench]"])
+    with pytest.raises(ConfigError, match=r"report: evaluation results missing \(run stage evaluate first\): "):
+        report.run(cfg)
+    for variant, em in (("base", 0.0), ("longrope2", 0.9)):
+        _write(tmp_path, variant, "niah", {"lengths": [128, 1024], "mean_by_length": {"128": 1.0, "1024": em}})
+        _write(tmp_path, variant, "longbench", {"skipped": "no data folder configured (eval.longbench.path)",
+                                                 "tasks": {}})
+    result = report.run(cfg)
+    assert result["tables"] == ["table3_longbench", "niah"]
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "| longrope2 | 1.00 | 0.90 |" in text
+    assert "- base: no data folder configured (eval.longbench.path)" in text
+    for name in ("niah.md", "niah.csv", "niah.tex", "table3_longbench.md"):
+        assert (tmp_path / "report" / name).is_file()
