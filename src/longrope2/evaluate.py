@@ -184,7 +184,10 @@ def _books(data: Path) -> list[torch.Tensor]:
 
 def eval_niah(cfg: DictConfig, model: Any, tokenizer: Any, data: Path, out: Path) -> dict[str, Any]:
     n = cfg.eval.niah
-    samples = long_eval.niah_samples(tokenizer, _books(data), list(n.lengths), list(n.depths), int(n.runs),
+    # One haystack stream of the held-out books end to end (as RULER joins its essays): a 128k sample
+    # is longer than most single books.
+    haystack = torch.cat(_books(data))
+    samples = long_eval.niah_samples(tokenizer, haystack, list(n.lengths), list(n.depths), int(n.runs),
                                      needle_template(cfg), int(cfg.seed))
     cells = long_eval.niah_grid(model, samples, batch_size=int(cfg.eval.batch_size))
     fig = long_eval.plot_niah_heatmap(cells, f"Needle in a haystack, {cfg.experiment_name} / {cfg.eval.variant}",
