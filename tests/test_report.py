@@ -46,10 +46,14 @@ def test_per_task_table_keeps_tasks_without_data():
 
 
 def test_short_table_retention_and_latex_escaping():
-    results = {"base": {"average": 0.5, "tasks": {"toy_short_needle": {"value": 0.5}}},
-               "longrope2": {"average": 0.49, "retention": 0.98, "tasks": {"toy_short_needle": {"value": 0.49}}}}
+    needle = {"metric": "acc,none"}
+    results = {"base": {"average": 0.5, "tasks": {"toy_short_needle": {**needle, "value": 0.5},
+                                                  "toy_short_ppl": {"metric": "word_perplexity,none", "value": 9.5}}},
+               "longrope2": {"average": 0.49, "retention": 0.98,
+                             "tasks": {"toy_short_needle": {**needle, "value": 0.49}}}}
     table = tables.short_tasks(results)
-    assert table.rows == [["base", 0.5, 0.5, None], ["longrope2", 0.49, 0.49, 0.98]]
+    # accuracies x 100 (the paper's scale), perplexity as it is, retention a ratio
+    assert table.rows == [["base", 50.0, 50.0, 9.5, None], ["longrope2", 49.0, 49.0, None, 0.98]]
     assert r"toy\_short\_needle" in tables.to_latex(table)
 
 

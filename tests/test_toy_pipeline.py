@@ -96,4 +96,4 @@ def test_toy_evaluations_show_the_extension_with_the_recorded_figures(toy_run):
             assert measured == pytest.approx(figures, rel=1e-3, abs=1e-6), (variant, key)
     # the report stage gathers them in the paper's shapes
     text = (toy_run / "report" / "report.md").read_text()
-    assert "**Short tasks and retention (Table 4)**" in text and "| longrope2 | 1.00 | 1.00 |" in text
+    assert "**Short tasks and retention (Table 4)**" in text and "| longrope2 | 100.00 | 100.00 |" in text

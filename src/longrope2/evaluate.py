@@ -33,7 +33,6 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
@@ -157,25 +156,14 @@ def eval_ruler(cfg: DictConfig, model: Any, tokenizer: Any, data: Path, out: Pat
         for task in r.tasks:
             writer.writerow([task, *[summary["table"].get(task, {}).get(n, "") for n in summary["lengths"]]])
         writer.writerow(["average", *[summary["average"][n] for n in summary["lengths"]]])
-    _plot_average(summary, cfg, out / "ruler.png")
+    lengths = summary["lengths"]
+    fig = ruler.plot_average_by_length({str(cfg.eval.variant): (lengths, [summary["average"][n] for n in lengths])},
+                                       int(cfg.model.train_len), int(cfg.target_len),
+                                       f"RULER, {cfg.experiment_name} / {cfg.eval.variant}")
+    save_figure(fig, out / "ruler.png")
     summary["table"] = {t: {str(k): v for k, v in per.items()} for t, per in summary["table"].items()}
     summary["average"] = {str(k): v for k, v in summary["average"].items()}
     return summary
-
-
-def _plot_average(summary: dict[str, Any], cfg: DictConfig, path: Path) -> None:
-    lengths = summary["lengths"]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(lengths, [summary["average"][n] for n in lengths], "o-", label=str(cfg.eval.variant))
-    ax.axvline(int(cfg.model.train_len), color="tab:green", ls="--", label="$L_{train}$")
-    ax.axvline(int(cfg.target_len), color="tab:red", ls="--", label="$L$")
-    ax.set_xscale("log", base=2)
-    ax.set_ylim(0, 100)
-    ax.set_xlabel("length (tokens)")
-    ax.set_ylabel("RULER average")
-    ax.set_title(f"RULER, {cfg.experiment_name} / {cfg.eval.variant}")
-    ax.legend(fontsize=8)
-    save_figure(fig, path)
 
 
 def _books(data: Path) -> list[torch.Tensor]:

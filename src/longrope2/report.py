@@ -22,11 +22,10 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from longrope2 import tables  # noqa: E402
+from longrope2 import ruler, tables  # noqa: E402
 from longrope2.config import ConfigError, hydra_stage  # noqa: E402
 from longrope2.inputs import eval_variants  # noqa: E402
 from longrope2.outputs import atomic_dir, save_figure  # noqa: E402
@@ -87,22 +86,17 @@ def build_tables(results: dict[str, dict[str, dict[str, Any]]], paper: dict[str,
     return out
 
 
-def plot_ruler_by_length(ruler: dict[str, dict[str, Any]], paper: dict[str, Any], cfg: DictConfig, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for variant, result in ruler.items():
+def plot_ruler_by_length(ruler_results: dict[str, dict[str, Any]], paper: dict[str, Any], cfg: DictConfig,
+                         path: Path) -> None:
+    curves = {}
+    for variant, result in ruler_results.items():
         lengths = [int(n) for n in result["lengths"]]
-        ax.plot(lengths, [result["average"].get(str(n)) for n in lengths], "o-", label=variant)
+        curves[variant] = (lengths, [result["average"].get(str(n)) for n in lengths])
     for method, by_length in (paper.get("table2") or {}).items():
         lengths = sorted(int(n) for n in by_length)
-        ax.plot(lengths, [by_length[str(n)] for n in lengths], "x--", alpha=0.6, label=f"paper: {method}")
-    ax.axvline(int(cfg.model.train_len), color="tab:green", ls=":", label="$L_{train}$")
-    ax.axvline(int(cfg.target_len), color="tab:red", ls=":", label="$L$")
-    ax.set_xscale("log", base=2)
-    ax.set_ylim(0, 100)
-    ax.set_xlabel("length (tokens)")
-    ax.set_ylabel("RULER average")
-    ax.set_title(f"RULER average by length, {cfg.experiment_name}")
-    ax.legend(fontsize=7)
+        curves[f"paper: {method}"] = (lengths, [by_length[str(n)] for n in lengths])
+    fig = ruler.plot_average_by_length(curves, int(cfg.model.train_len), int(cfg.target_len),
+                                       f"RULER average by length, {cfg.experiment_name}")
     save_figure(fig, path)
 
 

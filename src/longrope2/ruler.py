@@ -411,6 +411,29 @@ def task_config(task: str, length: int, data_file: str | Path, process_results: 
     }
 
 
+def plot_average_by_length(curves: Mapping[str, tuple[Sequence[int], Sequence[float | None]]], train_len: int,
+                           target_len: int, title: str) -> Any:
+    """RULER average against length, one curve per label ("paper: ..." curves dashed); a Figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for label, (lengths, values) in curves.items():
+        style = dict(ls="--", marker="x", alpha=0.6) if label.startswith("paper") else dict(ls="-", marker="o")
+        ax.plot(list(lengths), [float("nan") if v is None else v for v in values], label=label, **style)
+    ax.axvline(train_len, color="tab:green", ls=":", label="$L_{train}$")
+    ax.axvline(target_len, color="tab:red", ls=":", label="$L$")
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(0, 100)
+    ax.set_xlabel("length (tokens)")
+    ax.set_ylabel("RULER average")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    return fig
+
+
 def data_file(folder: str | Path, task: str, length: int) -> Path:
     return Path(folder) / f"{task}-{length}.jsonl"
 

@@ -123,19 +123,27 @@ def ruler_per_task(variant: str, result: Mapping[str, Any],
 
 def short_tasks(results: Mapping[str, Mapping[str, Any]],
                 paper: Mapping[str, Mapping[str, float]] | None = None) -> Table:
-    """Table 4: the short tasks, their average and retention (average over the base's), per variant."""
+    """Table 4: the short tasks, their average and retention (average over the base's), per variant.
+    Accuracies (lm-eval's fractions) × 100 as in the paper; perplexities as they are."""
     tasks = list(dict.fromkeys(t for r in results.values() for t in r["tasks"]))
     header = ["model", "avg", *tasks, "retention"]
+
+    def percent(value: float | None, metric: str = "acc") -> float | None:
+        if value is None or any(x in metric for x in ("perplexity", "bits_per_byte")):
+            return value
+        return 100.0 * value
+
     rows = []
     for variant, result in results.items():
-        rows.append([variant, result.get("average"), *[result["tasks"].get(t, {}).get("value") for t in tasks],
-                     result.get("retention")])
+        values = [percent(result["tasks"][t]["value"], result["tasks"][t]["metric"]) if t in result["tasks"] else None
+                  for t in tasks]
+        rows.append([variant, percent(result.get("average")), *values, result.get("retention")])
     notes = []
     if paper:
         keys = {t: t.split("_mc")[0] for t in tasks}  # truthfulqa_mc2 -> truthfulqa
         for method, values in paper.items():
             rows.append([f"paper: {method}", values.get("avg"), *[values.get(keys[t]) for t in tasks], None])
-        notes.append("Paper rows: Table 4 (× 100; ours are fractions where lm-eval reports fractions).")
+        notes.append("Paper rows: LongRoPE2 (arXiv 2502.20082) Table 4.")
     return Table("table4_short", "Short tasks and retention (Table 4)", header, rows, notes)
 
 
