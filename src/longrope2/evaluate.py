@@ -17,7 +17,6 @@ Out: <out_dir>/eval/<variant>/<suite>/<suite>.json (+ the suite's table and figu
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -37,7 +36,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from longrope2 import long_eval, longbench, ruler  # noqa: E402
+from longrope2 import long_eval, longbench, ruler, tables  # noqa: E402
 from longrope2.config import ConfigError, hydra_stage  # noqa: E402
 from longrope2.inputs import needle_template  # noqa: E402
 from longrope2.outputs import atomic_dir, save_figure, write_json  # noqa: E402
@@ -128,8 +127,8 @@ def eval_ruler(cfg: DictConfig, model: Any, tokenizer: Any, data: Path, out: Pat
     scores: dict[str, dict[int, list[float]]] = {task: {} for task in r.tasks}
     predictions = []
     if configs:
-        budget = max(ruler.MAX_NEW_TOKENS.values()) if not r.max_new_tokens else max(r.max_new_tokens.values())
-        lm = harness(model, tokenizer, max(int(x) for x in r.lengths) + int(budget), int(cfg.eval.batch_size))
+        budget = max(int(v) for v in r.max_new_tokens.values())
+        lm = harness(model, tokenizer, max(int(x) for x in r.lengths) + budget, int(cfg.eval.batch_size))
         result = lm_eval.simple_evaluate(model=lm, tasks=configs, log_samples=True, verbosity="WARNING",
                                          random_seed=int(cfg.seed), numpy_random_seed=int(cfg.seed),
                                          torch_random_seed=int(cfg.seed), fewshot_random_seed=int(cfg.seed))
@@ -149,20 +148,15 @@ def eval_ruler(cfg: DictConfig, model: Any, tokenizer: Any, data: Path, out: Pat
     summary["scoring"] = ("official RULER: niah/vt/cwe/fwe = fraction of references in the prediction, "
                           "qa = 1 if any reference is in it; task score = mean x 100; average over the tasks "
                           "that have data at the length")
-    ruler.write_jsonl(out / "predictions.jsonl", predictions)
-    with (out / "ruler.csv").open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["task", *summary["lengths"]])
-        for task in r.tasks:
-            writer.writerow([task, *[summary["table"].get(task, {}).get(n, "") for n in summary["lengths"]]])
-        writer.writerow(["average", *[summary["average"][n] for n in summary["lengths"]]])
-    lengths = summary["lengths"]
-    fig = ruler.plot_average_by_length({str(cfg.eval.variant): (lengths, [summary["average"][n] for n in lengths])},
-                                       int(cfg.model.train_len), int(cfg.target_len),
-                                       f"RULER, {cfg.experiment_name} / {cfg.eval.variant}")
-    save_figure(fig, out / "ruler.png")
     summary["table"] = {t: {str(k): v for k, v in per.items()} for t, per in summary["table"].items()}
     summary["average"] = {str(k): v for k, v in summary["average"].items()}
+    ruler.write_jsonl(out / "predictions.jsonl", predictions)
+    (out / "ruler.csv").write_text(tables.to_csv(tables.ruler_per_task(str(cfg.eval.variant), summary)))
+    lengths = summary["lengths"]
+    fig = ruler.plot_average_by_length(
+        {str(cfg.eval.variant): (lengths, [summary["average"][str(n)] for n in lengths])},
+        int(cfg.model.train_len), int(cfg.target_len), f"RULER, {cfg.experiment_name} / {cfg.eval.variant}")
+    save_figure(fig, out / "ruler.png")
     return summary
 
 
