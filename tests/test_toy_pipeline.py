@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 from conftest import run_snakemake
 
+pytestmark = pytest.mark.xdist_group("dag")
+
 GOLDEN_DIR = Path(__file__).parent / "golden"
 
 
