@@ -12,11 +12,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
-def pytest_collection_modifyitems(config, items):
-    """The whole-DAG runs first: they are the suite's long pole (see pyproject's xdist settings)."""
-    items.sort(key=lambda item: item.get_closest_marker("xdist_group") is None)
-
-
 def load_reference() -> dict:
     """Released factor arrays (copied from the team's spec/reference_factors.yaml)."""
     import yaml

@@ -7,8 +7,6 @@ from pathlib import Path
 import pytest
 from conftest import run_snakemake
 
-pytestmark = pytest.mark.xdist_group("dag")
-
 GOLDEN_DIR = Path(__file__).parent / "golden"
 
 

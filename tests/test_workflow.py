@@ -79,7 +79,6 @@ def test_unreachable_tracking_store_stops_before_compute(tmp_path):
     assert time.monotonic() - start < 120
 
 
-@pytest.mark.xdist_group("dag")
 def test_smoke_end_to_end_with_tracking(tmp_path):
     """The existing stages on the smoke experiment, tracked in MLflow, in a scratch folder."""
     from mlflow.tracking import MlflowClient
