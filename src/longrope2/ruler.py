@@ -195,7 +195,7 @@ def offline_lm_eval_ruler(sources: Mapping[str, Path]) -> Iterator[Any]:
     real_download = nltk.download
     nltk.download = lambda *args, **kwargs: False  # no network, ever
     try:
-        from lm_eval.tasks.ruler import cwe_utils, fwe_utils, prepare_niah, qa_utils, vt_utils
+        from lm_eval.tasks.ruler import cwe_utils, fwe_utils, niah_utils, prepare_niah, qa_utils, vt_utils
     finally:
         nltk.download = real_download
     from nltk.tokenize.punkt import PunktSentenceTokenizer
@@ -215,7 +215,8 @@ def offline_lm_eval_ruler(sources: Mapping[str, Path]) -> Iterator[Any]:
     qa_utils.read_squad.cache_clear()
     qa_utils.read_hotpotqa.cache_clear()
     try:
-        yield {"niah": prepare_niah, "vt": vt_utils, "cwe": cwe_utils, "fwe": fwe_utils, "qa": qa_utils}
+        yield {"niah": prepare_niah, "niah_template": niah_utils.TEMPLATE, "vt": vt_utils, "cwe": cwe_utils,
+               "fwe": fwe_utils, "qa": qa_utils}
     finally:
         prepare_niah.cached_sent_tokenize, qa_utils.download_json = saved
         qa_utils.read_squad.cache_clear()
@@ -293,7 +294,7 @@ def generate_task(
                     haystack,
                     tokenizer,
                     max_seq_length=length,
-                    template=_niah_template(modules),
+                    template=modules["niah_template"],
                     type_haystack=spec.haystack,
                     type_needle_k=spec.type_needle_k,
                     type_needle_v=spec.type_needle_v,
@@ -371,12 +372,6 @@ def _smallest_sample_tokens(modules: Mapping[str, Any], fam: str, tokenizer: Any
         return None
     finally:
         random.setstate(state)
-
-
-def _niah_template(modules: Mapping[str, Any]) -> str:
-    from lm_eval.tasks.ruler import niah_utils
-
-    return niah_utils.TEMPLATE
 
 
 # --------------------------------------------------------------------------- lm-eval task configs
