@@ -13,8 +13,10 @@ PYTEST_ARGS ?=
 run: $(VENV)/.installed
 	$(VENV)/bin/snakemake --cores $(CORES) $(ARGS)
 
+# Two workers, a test file each at a time (module fixtures run once): the toy DAG file, scheduled
+# first (tests/conftest.py), runs beside the rest of the suite.
 test: $(VENV)/.installed
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
 
 dry-run: $(VENV)/.installed
 	$(VENV)/bin/snakemake -n $(ARGS)

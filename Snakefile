@@ -21,7 +21,7 @@ rule all:
     default_target: True
     input:
         rules.critical_dim.output,
-        rules.search.output,
-        rules.train.output,
+        expand(rules.search.output, search=SEARCHES),
+        expand(rules.train.output, method=METHODS),
         expand(rules.evaluate.output, variant=EVAL_VARIANTS, suite=EVAL_SUITES),
         rules.report.output,

@@ -12,6 +12,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
+# Longest first under `pytest -n 2 --dist loadfile` (make test): the toy DAG file, then the slurm and smoke
+# DAG runs (mostly waiting on jobs), then the rest fills the other worker.
+LONG_FIRST = ("tests/test_toy_pipeline.py", "tests/test_slurm.py", "tests/test_workflow.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        return next((i for i, prefix in enumerate(LONG_FIRST) if item.nodeid.startswith(prefix)), len(LONG_FIRST))
+
+    items.sort(key=rank)  # stable: collection order within each rank
+
+
 def load_reference() -> dict:
     """Released factor arrays (copied from the team's spec/reference_factors.yaml)."""
     import yaml

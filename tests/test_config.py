@@ -12,7 +12,7 @@ from longrope2.config import (
     to_dict,
 )
 
-EXPERIMENTS = ["toy", "smoke", "llama3_8b_128k", "phi3_mini_128k"]
+EXPERIMENTS = ["toy", "toy_ablations", "smoke", "llama3_8b_128k", "phi3_mini_128k"]
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -60,7 +60,8 @@ def test_interpolations_follow_overrides():
     ("overrides", "message"),
     [
         (["experiment=nope"],
-         "experiment='nope' is not a known experiment; accepted: llama3_8b_128k, phi3_mini_128k, smoke, toy"),
+         "experiment='nope' is not a known experiment; accepted: llama3_8b_128k, phi3_mini_128k, smoke, toy, "
+         "toy_ablations"),
         (["target_len=128"],
          "target_len = 128: accepted: a length > model.train_len = 128"),
         (["experiment=llama3_8b_128k", "target_len=4096"],

@@ -68,14 +68,36 @@ def test_report_stage_writes_every_table_and_says_what_is_missing(tmp_path):
                           "eval.suites=[niah,longbench]"])
     with pytest.raises(ConfigError, match=r"report: evaluation results missing \(run stage evaluate first\): "):
         report.run(cfg)
-    for variant, em in (("base", 0.0), ("longrope2", 0.9)):
+    for variant, em in (("base", 0.0), ("yarn", 0.5), ("longrope2", 0.9)):
         _write(tmp_path, variant, "niah", {"lengths": [128, 1024], "mean_by_length": {"128": 1.0, "1024": em}})
         _write(tmp_path, variant, "longbench", {"skipped": "no data folder configured (eval.longbench.path)",
                                                  "tasks": {}})
     result = report.run(cfg)
     assert result["tables"] == ["table3_longbench", "niah"]
     text = (tmp_path / "report" / "report.md").read_text()
-    assert "| longrope2 | 1.00 | 0.90 |" in text
+    assert "| longrope2 | 1.00 | 0.90 |" in text and "| yarn | 1.00 | 0.50 |" in text
     assert "- base: no data folder configured (eval.longbench.path)" in text
     for name in ("niah.md", "niah.csv", "niah.tex", "table3_longbench.md"):
         assert (tmp_path / "report" / name).is_file()
+
+
+def test_the_papers_table2_ordering_is_checked_and_a_contradiction_is_said():
+    scores = {"none": 0.0, "pi": 0.3, "ntk": 0.6, "yarn": 0.2, "longrope": 0.9, "longrope2": 0.95}
+    notes = tables.ordering_notes(scores, "at L")
+    assert notes[0].startswith("As in the paper, at L: longrope2 ≥ longrope (0.95 vs 0.90); longrope2 ≥ ntk")
+    # YaRN below PI: the one claim the scores break, said as such
+    assert notes[1] == "CONTRADICTS the paper, at L: yarn > pi (0.20 vs 0.30)."
+    assert tables.ordering_notes({"longrope2": 1.0}, "at L") == []  # nothing to compare
+
+
+def test_ablation_tables_for_the_methods_run_with_the_papers_number(tmp_path):
+    cfg = compose_config(["experiment=llama3_8b_128k", "model.path=/models/llama3", f"out_dir={tmp_path}",
+                          "methods=[ntk,yarn_rcd,longrope2,longrope2_no_mixed]", "eval.suites=[ruler]"])
+    ruler = {m: {"average": {"131072": v}} for m, v in
+             (("base", 1.0), ("ntk", 70.0), ("yarn_rcd", 68.0), ("longrope2", 80.0), ("longrope2_no_mixed", 79.0))}
+    built = {t.name: t for t in report.ablation_tables(cfg, {"ruler": ruler}, report.paper_numbers("llama3_8b"))}
+    assert set(built) == {"table5_ablation", "table7_ablation"}  # Tables 6 and 10: no method of theirs ran
+    t5 = built["table5_ablation"]
+    assert t5.header == ["method", "RULER 131072", "paper RULER 128k"]
+    assert t5.rows == [["ntk", 70.0, 73.19], ["yarn_rcd", 68.0, 71.46], ["longrope2", 80.0, 82.03]]
+    assert built["table7_ablation"].rows == [["longrope2_no_mixed", 79.0, 80.18], ["longrope2", 80.0, 82.03]]

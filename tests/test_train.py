@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from longrope2 import fitness, needle_data, train, train_data
+from longrope2 import fitness, methods, needle_data, train, train_data
 from longrope2.config import ConfigError, compose_config
 from longrope2.scaling import RopeScaling, rope_facts_from_hf_config, rotary_modules
 
@@ -39,7 +39,7 @@ def _overrides(out, model_dir, folder, *extra):
 
 
 def _prepare(out, model_dir, folder):
-    """needle_data + train_data + a searched-factor file for a fine-tuning run in `out`."""
+    """needle_data + train_data + a longrope2 search result for a fine-tuning run in `out`."""
     from transformers import AutoConfig
 
     cfg = compose_config(_overrides(out, model_dir, folder))
@@ -47,8 +47,9 @@ def _prepare(out, model_dir, folder):
     train_data.run(cfg)
     facts = replace(rope_facts_from_hf_config(AutoConfig.from_pretrained(model_dir)), train_len=L_TRAIN)
     scaling = RopeScaling.longrope2(facts, L, tail=[6.0, 6.5, 7.0, 7.5] + [8.0] * 8, critical_dim=4)
-    (out / "search").mkdir(parents=True, exist_ok=True)
-    (out / "search" / "rope_parameters.json").write_text(json.dumps(scaling.to_rope_parameters()))
+    (out / "search" / "longrope2").mkdir(parents=True, exist_ok=True)
+    result = {"long_factor": list(scaling.long_factor), "critical_dim": 4, "attention_factor": scaling.attention_factor}
+    (out / "search" / "longrope2" / "result.json").write_text(json.dumps(result))
     return scaling
 
 
@@ -110,6 +111,29 @@ def test_exported_model_loads_with_plain_transformers_and_matches_our_rope(refer
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), (n, float((a - b).abs().max()))
     base = AutoModelForCausalLM.from_pretrained(toy_model_dir, dtype=torch.float32).state_dict()
     assert all(torch.equal(exported.state_dict()[k], base[k]) is False for k in base if "norm" not in k)
+
+
+@pytest.mark.parametrize("method, rope_type", [("pi", "linear"), ("ntk_rcd", "default"), ("yarn_rcd", "yarn")])
+def test_every_method_fine_tunes_on_its_own_scaling_and_exports_it(tmp_path, toy_model_dir, books, method, rope_type):
+    """Static and rcd methods: one scaling on every row, written as the transformers rope_type it is, whose
+    frequencies (computed by transformers itself on loading) are the method's at every length."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    _prepare(tmp_path, toy_model_dir, books)  # the longrope2 search result: rcd methods take its c = 4
+    summary = train.run(compose_config(_overrides(tmp_path, toy_model_dir, books, f"train.method={method}")))
+    assert (summary["method"], summary["mixed_window"]) == (method, False)
+    assert summary["critical_dim"] == (4 if method.endswith("_rcd") else None)
+    folder = tmp_path / "train" / method / "model"
+    assert json.loads((folder / "config.json").read_text())["rope_parameters"]["rope_type"] == rope_type
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    base_config = AutoConfig.from_pretrained(toy_model_dir)  # the exported NTK config has its new base
+    facts = replace(rope_facts_from_hf_config(base_config), train_len=L_TRAIN)
+    expected = methods.method_scaling(method, facts, L, {"critical_dim": 4})
+    for n in (40, L):  # inside and beyond L_train: the same frequencies
+        pos = torch.arange(n)[None]
+        cos, sin = model.model.rotary_emb(torch.zeros(1), pos)
+        ours_cos, ours_sin = expected.cos_sin(pos)
+        assert torch.allclose(cos, ours_cos, atol=1e-5) and torch.allclose(sin, ours_sin, atol=1e-5), (method, n)
 
 
 def _cli(out, model_dir, folder, *extra, launcher=()):
@@ -183,7 +207,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, toy_
 
 def test_no_mixed_window_uses_the_long_factors_everywhere(tmp_path, toy_model_dir, books):
     scaling = _prepare(tmp_path, toy_model_dir, books)
-    summary = train.run(compose_config(_overrides(tmp_path, toy_model_dir, books, "train.mixed_window=false")))
+    summary = train.run(compose_config(_overrides(tmp_path, toy_model_dir, books, "train.method=longrope2_no_mixed")))
     assert summary["variant"] == "longrope2_no_mixed" and not (tmp_path / "train" / "longrope2").exists()
     config = tmp_path / "train" / "longrope2_no_mixed" / "model" / "config.json"
     rp = json.loads(config.read_text())["rope_parameters"]
@@ -232,9 +256,11 @@ def test_stale_rows_and_missing_factors_fail_before_training(tmp_path, toy_model
                                           r"train_data"):
         train.run(compose_config(_overrides(tmp_path, toy_model_dir, books, "target_len=128",
                                             "train.length_mix=[{max_len:64,tokens:2560},{max_len:128,tokens:2000}]")))
-    (tmp_path / "search" / "rope_parameters.json").unlink()
-    with pytest.raises(ConfigError, match=r"search/rope_parameters.json: missing; run stage search first"):
-        train.run(compose_config(_overrides(tmp_path, toy_model_dir, books)))
+    (tmp_path / "search" / "longrope2" / "result.json").unlink()
+    for method in ("longrope2", "yarn_rcd"):
+        with pytest.raises(ConfigError, match=rf"train.method = {method}: .*search/longrope2/result.json is missing; "
+                                              r"run stage search \(search.method=longrope2\) first"):
+            train.run(compose_config(_overrides(tmp_path, toy_model_dir, books, f"train.method={method}")))
     assert not (tmp_path / "train").exists()
 
 

@@ -10,6 +10,7 @@ from conftest import run_snakemake
 DAG = {"critical_dim", "needle_data", "search", "train_data", "train", "eval_data", "evaluate", "report", "all"}
 EXPERIMENT_RULES = {
     "toy": DAG | {"pretrain"},
+    "toy_ablations": DAG | {"pretrain"},
     "smoke": DAG | {"pretrain"},
     "llama3_8b_128k": DAG,
     "phi3_mini_128k": DAG,
@@ -22,11 +23,28 @@ def planned_rules(stdout: str) -> set[str]:
     return {line.split()[0] for line in table.splitlines()[3:] if line.strip()}
 
 
+# Jobs per rule in a dry-run: one search per searched method, one fine-tuning per method.
+PLANNED_JOBS = {
+    "toy": {"search": 2, "train": 6, "evaluate": 7 * 3},
+    "toy_ablations": {"search": 3, "train": 8, "evaluate": 9 * 3},
+    "smoke": {"search": 1, "train": 2, "evaluate": 3 * 1},
+    "llama3_8b_128k": {"search": 2, "train": 6, "evaluate": 7 * 5},
+    "phi3_mini_128k": {"search": 2, "train": 6, "evaluate": 7 * 5},
+}
+
+
+def planned_jobs(stdout: str) -> dict[str, int]:
+    table = stdout.split("Job stats:")[1].split("total")[0]
+    return {line.split()[0]: int(line.split()[1]) for line in table.splitlines()[3:] if line.strip()}
+
+
 @pytest.mark.parametrize("experiment", sorted(EXPERIMENT_RULES))
 def test_dry_run_locally(experiment, tmp_path):
     proc = run_snakemake("-n", "--config", f"experiment={experiment}", f"out_dir={tmp_path}/results")
     assert proc.returncode == 0, proc.stderr + proc.stdout
     assert planned_rules(proc.stdout) == EXPERIMENT_RULES[experiment]
+    jobs = planned_jobs(proc.stdout)
+    assert {k: jobs[k] for k in PLANNED_JOBS[experiment]} == PLANNED_JOBS[experiment]
 
 
 @pytest.mark.parametrize("experiment", ["llama3_8b_128k", "phi3_mini_128k", "toy"])
@@ -65,7 +83,7 @@ def test_unknown_experiment_names_the_choices(tmp_path):
     proc = run_snakemake("-n", "--config", "experiment=llama4", cwd=tmp_path)
     assert proc.returncode != 0
     assert ("experiment='llama4' is not a known experiment; accepted: llama3_8b_128k, phi3_mini_128k, smoke, "
-            "toy") in proc.stderr + proc.stdout
+            "toy, toy_ablations") in proc.stderr + proc.stdout
 
 
 def test_unreachable_tracking_store_stops_before_compute(tmp_path):
@@ -94,9 +112,10 @@ def test_smoke_end_to_end_with_tracking(tmp_path):
     assert {"em_1x", "em_8x"} <= set(gate["metrics"])
     summary = json.loads((out / "critical_dim" / "critical_dim.json").read_text())
     assert (summary["d_tcd"], summary["d10_tcd"], summary["extension_ratio"]) == (6, 2, 8)
-    result = json.loads((out / "search" / "result.json").read_text())
+    result = json.loads((out / "search" / "longrope2" / "result.json").read_text())
     assert result["evaluations"] == 6 + 2 * 2 and len(result["long_factor"]) == 16
-    assert json.loads((out / "search" / "rope_parameters.json").read_text())["rope_type"] == "longrope"
+    assert json.loads((out / "search" / "longrope2" / "rope_parameters.json").read_text())["rope_type"] == "longrope"
+    assert sorted(p.name for p in (out / "search").iterdir()) == ["longrope2"]  # yarn needs no search
     rows = json.loads((out / "train_data" / "train_data.json").read_text())
     assert [b["rows"] for b in rows["buckets"]] == [2, 2] and rows["shards"] == ["rows-00000.pt"]
     assert (out / "logs" / "pretrain.log").stat().st_size > 0
@@ -108,9 +127,9 @@ def test_smoke_end_to_end_with_tracking(tmp_path):
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = {r.data.tags["stage"]: r for r in runs if "mlflow.parentRunId" in r.data.tags}
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    evaluations = {f"evaluate-{v}-niah" for v in ("base", "longrope2")}
-    assert set(children) == {"pretrain", "critical_dim", "needle_data", "search", "train_data", "train", "eval_data",
-                             "report", *evaluations}
+    evaluations = {f"evaluate-{v}-niah" for v in ("base", "yarn", "longrope2")}
+    assert set(children) == {"pretrain", "critical_dim", "needle_data", "search-longrope2", "train_data",
+                             "train-yarn", "train-longrope2", "eval_data", "report", *evaluations}
     for child in children.values():
         assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         assert child.info.status == "FINISHED"
@@ -120,34 +139,39 @@ def test_smoke_end_to_end_with_tracking(tmp_path):
     assert "train_data.json" in {a.path for a in client.list_artifacts(children["train_data"].info.run_id)}
     pretrain_artifacts = {a.path for a in client.list_artifacts(children["pretrain"].info.run_id)}
     assert {"base_model", "gate.json"} <= pretrain_artifacts
-    search_run = children["search"].info.run_id
+    search_run = children["search-longrope2"].info.run_id
     assert len(client.get_metric_history(search_run, "best_fitness")) == 3 + 1  # 3 iterations, then the final
     assert {"result.json", "rope_parameters.json", "factors.png"} <= {
         a.path for a in client.list_artifacts(search_run)}
-    train_run = children["train"]
+    train_run = children["train-longrope2"]
     assert len(client.get_metric_history(train_run.info.run_id, "loss")) == 2  # 2 steps
     assert {"train.json", "loss.csv", "validation.json"} <= {
         a.path for a in client.list_artifacts(train_run.info.run_id)}
     tuned = out / "train" / "longrope2"
     assert json.loads((tuned / "model" / "config.json").read_text())["rope_parameters"]["rope_type"] == "longrope"
+    yarn = json.loads((out / "train" / "yarn" / "model" / "config.json").read_text())["rope_parameters"]
+    assert (yarn["rope_type"], yarn["factor"], yarn["original_max_position_embeddings"]) == ("yarn", 8.0, 128)
     assert (out / "logs" / "train-longrope2.log").stat().st_size > 0
     niah = json.loads((out / "eval" / "base" / "niah" / "niah.json").read_text())
     assert niah["lengths"] == [128, 1024] and (out / "eval" / "base" / "niah" / "niah.png").exists()
     assert "niah_em_1024" in children["evaluate-longrope2-niah"].data.metrics
-    assert "| longrope2 |" in (out / "report" / "niah.md").read_text()
+    niah_table = (out / "report" / "niah.md").read_text()
+    assert "| longrope2 |" in niah_table and "| yarn |" in niah_table
     assert (out / "report" / "niah_longrope2.png").exists() and (out / "report" / "loss_longrope2.png").exists()
-    assert elapsed < 240, f"smoke run took {elapsed:.0f} s"
+    assert elapsed < 480, f"smoke run took {elapsed:.0f} s"  # ~2.5 min alone, more beside the toy DAG
 
     # A second invocation has nothing to do.
     again = run_snakemake("-n", "--config", "experiment=smoke", cwd=tmp_path)
     assert "Nothing to be done" in again.stdout + again.stderr
-    # An override only the fine-tuning reads reruns the fine-tuning only (not pretraining or search).
-    for override in ("train.mixed_window=false", "train.lr=0.002"):
+    # An override only the fine-tuning reads reruns the fine-tuning only (not pretraining or search), and
+    # a method added to the list runs alone (Table 7's reuses longrope2's search).
+    for override in ("methods=[yarn,longrope2,longrope2_no_mixed]", "train.lr=0.002"):
         plan = run_snakemake("-n", "--config", "experiment=smoke", f"overrides=[{override}]", cwd=tmp_path)
         assert plan.returncode == 0, plan.stderr
-        # ... and the evaluations of the fine-tuned variant
+        # ... and the evaluations of the fine-tuned variants
         assert planned_rules(plan.stdout) == {"train", "evaluate", "report", "all"}, (override, plan.stdout[-2000:])
         assert "variant=base" not in plan.stdout
+        assert ("train.method=yarn" in plan.stdout) == override.startswith("train.lr")
 
 
 def test_tracking_can_be_switched_off(tmp_path, tiny_hf_model_dir):

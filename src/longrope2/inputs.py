@@ -18,8 +18,8 @@ from longrope2.needle import NeedleSample, NeedleTemplate, template_for, unstack
 
 
 def eval_variants(cfg: DictConfig) -> list[str]:
-    """The evaluated models: the original (base) and the fine-tuned variant this config trains."""
-    return ["base", "longrope2" if cfg.train.mixed_window else "longrope2_no_mixed"]
+    """The evaluated models: the original (base) and every method of the experiment, fine-tuned."""
+    return ["base", *(str(m) for m in cfg.methods)]
 
 
 def load_tokenizer(path: str) -> Any:

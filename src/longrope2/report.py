@@ -1,12 +1,15 @@
 """Stage `report`: the evaluations as the paper's tables and figures, next to the paper's numbers.
 
-In:  eval/<variant>/<suite>/<suite>.json of every evaluated variant and suite (stage evaluate),
-     train/<variant>/loss.png, search/factors.png, critical_dim/periods.png; report.paper names the
-     paper model whose numbers stand beside ours (null for the toy).
+In:  eval/<variant>/<suite>/<suite>.json of every evaluated variant (base + the experiment's methods) and
+     suite (stage evaluate), train/<method>/{train.json,loss.png}, search/<search>/*.png,
+     critical_dim/periods.png; report.paper names the paper model whose numbers stand beside ours (null for
+     the toy); report.table2_suite the suite whose by-length table is checked against the paper's Table 2
+     ordering (ruler; the toy: niah, as RULER's prompts do not fit its 128-token window).
 Out: <out_dir>/report/: report.md (every table, the figures), each table as .md, .csv and .tex
      (Table 2 RULER by length, Tables 8-9 RULER per task, Table 4 short tasks and retention, Table 3
-     LongBench / InfiniteBench, NIAH and perplexity by length), ruler_by_length.png, the NIAH
-     heatmaps and the training / search figures.
+     LongBench / InfiniteBench, Tables 5, 6, 7, 10 for the ablations the experiment runs, NIAH and
+     perplexity by length), ruler_by_length.png, factors_by_method.png, the NIAH heatmaps and the
+     training / search figures.
 
     python -m longrope2.report experiment=toy
 """
@@ -25,7 +28,7 @@ matplotlib.use("Agg")
 import yaml  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from longrope2 import ruler, tables  # noqa: E402
+from longrope2 import methods, ruler, tables  # noqa: E402
 from longrope2.config import ConfigError, hydra_stage  # noqa: E402
 from longrope2.inputs import eval_variants  # noqa: E402
 from longrope2.outputs import atomic_dir, save_figure  # noqa: E402
@@ -48,6 +51,8 @@ def paper_numbers(name: str | None) -> dict[str, Any]:
         "table2": data["table2_ruler_avg"][name],
         "table4": data["table4_short"][name],
         "tables8_9": data["tables8_9_ruler_per_task"][f"{name}_longrope2"],
+        "5": data["table5_rcd"][name], "6": data["table6_search_metric"][name],
+        "7": data["table7_mixed_window"][name], "10": data["table10_searched_dims"][name],
     }
 
 
@@ -68,10 +73,38 @@ def load_results(cfg: DictConfig) -> dict[str, dict[str, dict[str, Any]]]:
     return results
 
 
-def build_tables(results: dict[str, dict[str, dict[str, Any]]], paper: dict[str, Any]) -> list[tables.Table]:
-    out = []
+def ablation_tables(cfg: DictConfig, results: dict[str, dict[str, dict[str, Any]]],
+                    paper: dict[str, Any]) -> list[tables.Table]:
+    """Tables 5, 6, 7, 10 at the target length, for each ablation whose methods the experiment runs."""
+    length = str(cfg.target_len)
+    columns: dict[str, dict[str, float | None]] = {}
     if "ruler" in results:
-        out.append(tables.ruler_by_length(results["ruler"], paper.get("table2")))
+        columns[f"RULER {length}"] = {m: r["average"].get(length) for m, r in results["ruler"].items()}
+    if "niah" in results:
+        columns[f"needle EM {length}"] = {m: r["mean_by_length"].get(length) for m, r in results["niah"].items()}
+    if "short" in results:
+        columns["short avg"] = {m: None if r.get("average") is None else 100 * r["average"]
+                                for m, r in results["short"].items()}
+        columns["retention"] = {m: r.get("retention") for m, r in results["short"].items()}
+    out = []
+    for table_id in tables.ABLATIONS:
+        chosen = [m for m in methods.TABLES[table_id] if m in cfg.methods]
+        if not set(chosen) - set(methods.TABLES["2"]):  # none of the ablation's own methods ran
+            continue
+        out.append(tables.ablation(table_id, chosen, columns, paper.get(table_id), length if paper else None))
+    return out
+
+
+def build_tables(cfg: DictConfig, results: dict[str, dict[str, dict[str, Any]]],
+                 paper: dict[str, Any]) -> list[tables.Table]:
+    out = []
+    table2 = str(cfg.report.table2_suite)
+
+    def at_target(suite: str) -> int | None:
+        return int(cfg.target_len) if suite == table2 else None
+
+    if "ruler" in results:
+        out.append(tables.ruler_by_length(results["ruler"], paper.get("table2"), at_target("ruler")))
         for variant, result in results["ruler"].items():
             per_task = paper.get("tables8_9") if variant == "longrope2" else None
             out.append(tables.ruler_per_task(variant, result, per_task))
@@ -80,10 +113,10 @@ def build_tables(results: dict[str, dict[str, dict[str, Any]]], paper: dict[str,
     if "longbench" in results:
         out.append(tables.longbench(results["longbench"]))
     if "niah" in results:
-        out.append(tables.niah_by_length(results["niah"]))
+        out.append(tables.niah_by_length(results["niah"], at_target("niah")))
     if "ppl" in results:
         out.append(tables.perplexity_by_length(results["ppl"]))
-    return out
+    return out + ablation_tables(cfg, results, paper)
 
 
 def plot_ruler_by_length(ruler_results: dict[str, dict[str, Any]], paper: dict[str, Any], cfg: DictConfig,
@@ -100,11 +133,39 @@ def plot_ruler_by_length(ruler_results: dict[str, dict[str, Any]], paper: dict[s
     save_figure(fig, path)
 
 
+def plot_factors_by_method(cfg: DictConfig, path: Path) -> bool:
+    """λ per frequency pair for every fine-tuned method (paper Figure 4 style), from train/<method>/train.json."""
+    import matplotlib.pyplot as plt
+
+    root, curves = Path(cfg.out_dir), {}
+    for method in cfg.methods:
+        summary = root / "train" / str(method) / "train.json"
+        if summary.is_file():
+            curves[str(method)] = json.loads(summary.read_text()).get("long_factor")
+    curves = {m: lam for m, lam in curves.items() if lam}
+    if not curves:
+        return False
+    s = int(cfg.target_len) / int(cfg.model.train_len)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for method, lam in curves.items():
+        ax.plot(range(len(lam)), lam, "o-" if method == "longrope2" else "-", ms=3, label=method)
+    ax.axhline(s, color="grey", ls="--", lw=0.8, label=f"s = {s:g}")
+    ax.set_yscale("log")
+    ax.set_xlabel("frequency pair i")
+    ax.set_ylabel("rescaling factor $\\lambda_i$ (beyond $L_{train}$)")
+    ax.set_title(f"Rescaling factors per method, {cfg.experiment_name}")
+    ax.legend(fontsize=7)
+    save_figure(fig, path)
+    return True
+
+
 def copy_figures(cfg: DictConfig, out: Path) -> list[str]:
     """The figures a reader wants next to the tables, from the stages that made them."""
     root = Path(cfg.out_dir)
-    sources = {"periods.png": root / "critical_dim" / "periods.png", "factors.png": root / "search" / "factors.png",
-               "convergence.png": root / "search" / "convergence.png"}
+    sources = {"periods.png": root / "critical_dim" / "periods.png"}
+    for search in methods.searches_for(list(cfg.methods)):
+        sources[f"factors_{search}.png"] = root / "search" / search / "factors.png"
+        sources[f"convergence_{search}.png"] = root / "search" / search / "convergence.png"
     for variant in eval_variants(cfg):
         sources[f"niah_{variant}.png"] = root / "eval" / variant / "niah" / "niah.png"
         sources[f"loss_{variant}.png"] = root / "train" / variant / "loss.png"
@@ -133,7 +194,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     results = load_results(cfg)
     paper = paper_numbers(cfg.report.paper)
     with stage_run(cfg, "report") as tracker:
-        built = build_tables(results, paper)
+        built = build_tables(cfg, results, paper)
         with atomic_dir(out) as scratch:
             for name, text in tables.render_all(built).items():
                 (scratch / name).write_text(text)
@@ -141,6 +202,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             if "ruler" in results:
                 plot_ruler_by_length(results["ruler"], paper, cfg, scratch / "ruler_by_length.png")
                 figures.append("ruler_by_length.png")
+            if plot_factors_by_method(cfg, scratch / "factors_by_method.png"):
+                figures.append("factors_by_method.png")
             figures += copy_figures(cfg, scratch)
             (scratch / "report.md").write_text(report_markdown(cfg, built, figures))
         tracker.log_artifact(out, "report")

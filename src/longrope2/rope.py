@@ -109,6 +109,12 @@ def ntk_base(rotary_dim: int, base: float, s: float) -> float:
     return base * s ** (rotary_dim / (rotary_dim - 2))
 
 
+def ntk_base_at(rotary_dim: int, base: float, s: float, c: int) -> float:
+    """NTK base' = base · s^(d/(2c)) that interpolates pair c by exactly s (λ_i = s^(i/c)): NTK
+    re-derived at a critical dim c (Table 5's NTK-rcd) instead of at the last pair."""
+    return base * s ** (rotary_dim / (2 * c))
+
+
 def ntk_factors(rotary_dim: int, s: float) -> Tensor:
     """NTK-aware scaling as factors: (base'/base)^(2i/d) = s^(2i/(d-2)); λ_0 = 1, λ_{D-1} = s."""
     i = torch.arange(rotary_dim // 2, dtype=torch.float64)

@@ -182,18 +182,30 @@ class RopeScaling:
         return cls._make("pi", facts, target_len, rope.pi_factors(facts.rotary_dim // 2, s))
 
     @classmethod
-    def ntk(cls, facts: RopeFacts, target_len: int) -> RopeScaling:
+    def ntk(cls, facts: RopeFacts, target_len: int, critical_dim: int | None = None) -> RopeScaling:
+        """NTK-aware base change; critical_dim c: the base that interpolates pair c by s (NTK-rcd)."""
         s = rope.extension_ratio(target_len, facts.train_len)
-        return cls._make("ntk", facts, target_len, rope.ntk_factors(facts.rotary_dim, s))
+        if critical_dim is None:
+            lam = rope.ntk_factors(facts.rotary_dim, s)
+        else:
+            lam = float(s) ** (torch.arange(facts.rotary_dim // 2, dtype=torch.float64) / critical_dim)
+        return cls._make("ntk", facts, target_len, lam, critical_dim=critical_dim)
 
     @classmethod
     def yarn(cls, facts: RopeFacts, target_len: int, beta: float = 32.0, alpha: float = 1.0,
-             attention_factor: float | None = None) -> RopeScaling:
+             attention_factor: float | None = None, critical_dim: int | None = None) -> RopeScaling:
+        """YaRN; critical_dim only labels a YaRN whose alpha was chosen to put its ramp's end there."""
         s = rope.extension_ratio(target_len, facts.train_len)
         lam = rope.yarn_factors(facts.rotary_dim, facts.rope_theta, facts.train_len, s, beta, alpha)
         attn = rope.yarn_attention_factor(s) if attention_factor is None else attention_factor
         return cls._make("yarn", facts, target_len, lam, attention_factor=float(attn),
-                         yarn_beta=float(beta), yarn_alpha=float(alpha))
+                         yarn_beta=float(beta), yarn_alpha=float(alpha), critical_dim=critical_dim)
+
+    def ntk_theta(self) -> float:
+        """The NTK base: at the critical dim when one is set (NTK-rcd), else at the last pair."""
+        if self.critical_dim is not None:
+            return rope.ntk_base_at(self.rotary_dim, self.rope_theta, self.s, self.critical_dim)
+        return rope.ntk_base(self.rotary_dim, self.rope_theta, self.s)
 
     @classmethod
     def longrope(cls, facts: RopeFacts, target_len: int, long_factor: Any,
@@ -238,7 +250,7 @@ class RopeScaling:
         if self.method == "pi":
             return rope.inv_freq(d, base) / s
         if self.method == "ntk":
-            return rope.inv_freq(d, rope.ntk_base(d, base, s))
+            return rope.inv_freq(d, self.ntk_theta())
         if self.method == "yarn":
             return rope.yarn_inv_freq(d, base, self.train_len, s, self.yarn_beta, self.yarn_alpha)
         return rope.scaled_inv_freq(d, base, self.long_factor)
@@ -272,7 +284,7 @@ class RopeScaling:
         if self.method == "pi":
             p.update(rope_type="linear", factor=self.s)
         elif self.method == "ntk":
-            p.update(rope_theta=rope.ntk_base(self.rotary_dim, self.rope_theta, self.s))
+            p.update(rope_theta=self.ntk_theta())
         elif self.method == "yarn":
             p.update(rope_type="yarn", factor=self.s, original_max_position_embeddings=self.train_len,
                      attention_factor=self.attention_factor, beta_fast=self.yarn_beta, beta_slow=self.yarn_alpha)

@@ -2,13 +2,14 @@
 
 In:  the base model (model.path), the needle samples of stage needle_data, the critical dims of
      stage critical_dim, search.* (the GA's numbers, fitness, ablation switches, execution).
-Out: <out_dir>/search/
+Out: <out_dir>/search/<search.method>/ (longrope2; longrope, longrope2_plain_ppl, longrope2_all_dims
+     set their own search.* switches, see longrope2.methods)
        result.json            best long_factor, its critical dim c, fitness, s, attention factor
        rope_parameters.json   the same as transformers `rope_parameters` (longrope, short factors ones)
        history.csv            best and median fitness per iteration (per run in per_c mode)
        validation.json        held-out needle-PPL and exact match: searched factors vs the baselines
        convergence.png, factors.png
-     State after every iteration in <out_dir>/search/state/<hash>.json: a killed search resumes there.
+     State after every iteration in <out_dir>/search/<method>/state/<hash>.json: a killed search resumes there.
 
 Scale-out: `torchrun --nproc_per_node N -m longrope2.search ...` shares each iteration's candidates
 among N processes (gloo on CPUs, NCCL on GPUs); every process runs the same seeded GA, so the
@@ -20,6 +21,7 @@ result does not depend on N.
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import dataclasses
 import hashlib
@@ -42,7 +44,7 @@ import torch.distributed as dist  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from longrope2 import evolution, fitness, rope  # noqa: E402
+from longrope2 import evolution, fitness, methods, rope  # noqa: E402
 from longrope2.config import ConfigError, hydra_stage, to_dict  # noqa: E402
 from longrope2.evolution import Individual, SearchSpace  # noqa: E402
 from longrope2.inputs import load_needle_sets  # noqa: E402
@@ -312,10 +314,10 @@ def baselines(facts: RopeFacts, target_len: int, dims: dict[str, Any]) -> dict[s
     }
 
 
-def validate_methods(model: torch.nn.Module, methods: dict[str, RopeScaling], sets: dict[str, list[NeedleSample]],
+def validate_methods(model: torch.nn.Module, scalings: dict[str, RopeScaling], sets: dict[str, list[NeedleSample]],
                      batch_size: int) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
-    for name, scaling in tqdm(methods.items(), desc="validation", leave=False):
+    for name, scaling in tqdm(scalings.items(), desc="validation", leave=False):
         fitness.set_long_rope(model, scaling)
         row: dict[str, float] = {}
         for split, samples in sets.items():
@@ -328,7 +330,16 @@ def validate_methods(model: torch.nn.Module, methods: dict[str, RopeScaling], se
 # --------------------------------------------------------------------------- stage
 
 
+def with_method(cfg: DictConfig) -> DictConfig:
+    """cfg with search.* set as search.method needs (e.g. longrope: all dims, plain-PPL fitness)."""
+    cfg = copy.deepcopy(cfg)
+    for key, value in methods.SEARCH_OVERRIDES[str(cfg.search.method)].items():
+        cfg.search[key] = value
+    return cfg
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
+    cfg = with_method(cfg)
     workers = init_workers()
     try:
         with torch_threads(cfg.search.num_threads):
@@ -339,7 +350,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _run(cfg: DictConfig, workers: Workers) -> dict[str, Any]:
-    out = Path(cfg.out_dir) / "search"
+    out = Path(cfg.out_dir) / "search" / str(cfg.search.method)
     needle_dir = Path(cfg.out_dir) / "needle_data"
     dims = json.loads((Path(cfg.out_dir) / "critical_dim" / "critical_dim.json").read_text())
     needle_sets = load_needle_sets(needle_dir)  # split -> (samples, plain_ids)
@@ -362,7 +373,7 @@ def _run(cfg: DictConfig, workers: Workers) -> dict[str, Any]:
     resumed = sum(r["iteration"] + 1 for r in state["runs"])
     knobs = cfg.search
 
-    tracker_cm = stage_run(cfg, "search") if workers.main else contextlib.nullcontext(StageRun())
+    tracker_cm = stage_run(cfg, f"search-{cfg.search.method}") if workers.main else contextlib.nullcontext(StageRun())
     with tracker_cm as tracker:
         if resumed and workers.main:
             print(f"resuming the search from {state_path} ({resumed} finished iterations)")
@@ -411,7 +422,7 @@ def write_outputs(cfg: DictConfig, out: Path, model: torch.nn.Module, facts: Rop
     target_len = int(cfg.target_len)
     s = rope.extension_ratio(target_len, facts.train_len)
     result = {
-        "method": "longrope2_all_dims" if cfg.search.all_dims else "longrope2",
+        "method": str(cfg.search.method), "all_dims": bool(cfg.search.all_dims),
         "fitness": str(cfg.search.fitness), "fitness_value": best_fit, "critical_dim": best_ind.c,
         "s": s, "attention_factor": scaling.attention_factor, "long_factor": list(scaling.long_factor),
         "short_factor": list(scaling.short_factor), "d_tcd": int(dims["d_tcd"]), "d10_tcd": int(dims["d10_tcd"]),
@@ -424,12 +435,14 @@ def write_outputs(cfg: DictConfig, out: Path, model: torch.nn.Module, facts: Rop
     write_history(out / "history.csv", state["history"])
     plot_convergence(state["history"], str(cfg.search.fitness), out / "convergence.png")
 
-    # Held-out check: the searched factors against the training-free baselines.
-    methods = baselines(facts, target_len, dims) | {"searched": scaling}
-    table = validate_methods(model, methods, sets, int(cfg.search.batch_size))
+    # Held-out check: the searched factors against the training-free baselines (once, in the longrope2
+    # search: the other searches' baselines would be the same numbers).
+    references = baselines(facts, target_len, dims) if str(cfg.search.method) == "longrope2" else {}
+    compared = references | {"searched": scaling}
+    table = validate_methods(model, compared, sets, int(cfg.search.batch_size))
     write_json(out / "validation.json", {"target_len": target_len, "samples": {k: len(v) for k, v in sets.items()},
                                          "methods": table})
-    curves = {name: list(m.long_factor) for name, m in methods.items() if name not in ("none", "searched")}
+    curves = {name: list(m.long_factor) for name, m in compared.items() if name not in ("none", "searched")}
     curves["searched"] = list(scaling.long_factor)
     plot_factors(curves, best_ind.c, dims, s, out / "factors.png")
 

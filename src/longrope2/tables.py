@@ -76,9 +76,10 @@ def _diff(ours: float | None, paper: float | None) -> float | None:
 
 
 def ruler_by_length(results: Mapping[str, Mapping[str, Any]], paper: Mapping[str, Mapping[str, float]] | None = None,
-                    ) -> Table:
+                    target_len: int | None = None) -> Table:
     """Table 2: the RULER average per length, one row per variant; the paper's rows (same lengths) and
-    ours minus the paper's for a variant named like a paper method."""
+    ours minus the paper's for a variant named like a paper method; with target_len, the paper's
+    ordering of the methods checked at that length."""
     lengths = sorted({int(n) for r in results.values() for n in r["lengths"]})
     rows: list[list[Any]] = []
     for variant, result in results.items():
@@ -91,6 +92,9 @@ def ruler_by_length(results: Mapping[str, Mapping[str, Any]], paper: Mapping[str
                 rows.append([f"{method} − paper",
                              *[_diff(results[method]["average"].get(str(n)), by_length.get(str(n))) for n in lengths]])
         notes.append("Paper rows: LongRoPE2 (arXiv 2502.20082) Table 2.")
+    if target_len is not None:
+        notes += ordering_notes({v: r["average"].get(str(target_len)) for v, r in results.items()},
+                                f"RULER average at L = {target_len}")
     effective = {v: r.get("effective_length") for v, r in results.items()}
     notes.append("Effective length (average above the threshold up to that length): "
                  + ", ".join(f"{v} {fmt(e)}" for v, e in effective.items()) + ".")
@@ -147,12 +151,28 @@ def short_tasks(results: Mapping[str, Mapping[str, Any]],
     return Table("table4_short", "Short tasks and retention (Table 4)", header, rows, notes)
 
 
-def niah_by_length(results: Mapping[str, Mapping[str, Any]]) -> Table:
-    """Needle-in-a-haystack exact match per length (mean over depths), one row per variant."""
+def _niah_samples(result: Mapping[str, Any], length: int) -> int:
+    """Samples behind a NIAH mean at one length: the runs of every depth (rows) at that length (column)."""
+    lengths = [int(n) for n in result["lengths"]]
+    if length not in lengths or "runs" not in result:
+        return 0
+    return sum(row[lengths.index(length)] for row in result["runs"])
+
+
+def niah_by_length(results: Mapping[str, Mapping[str, Any]], target_len: int | None = None) -> Table:
+    """Needle-in-a-haystack exact match per length (mean over depths), one row per variant; with
+    target_len, the paper's Table 2 ordering checked at that length."""
     lengths = sorted({int(n) for r in results.values() for n in r["lengths"]})
     rows = [[v, *[r["mean_by_length"].get(str(n)) for n in lengths]] for v, r in results.items()]
-    return Table("niah", "Needle in a haystack: exact match by length (mean over depths)",
-                 ["model", *map(_length_label, lengths)], rows)
+    notes = []
+    if target_len is not None:
+        notes = ordering_notes({v: r["mean_by_length"].get(str(target_len)) for v, r in results.items()},
+                               f"needle exact match at L = {target_len}",
+                               {v: _niah_samples(r, target_len) for v, r in results.items()})
+    title = "Needle in a haystack: exact match by length (mean over depths)"
+    if target_len is not None:
+        title += ", this experiment's Table 2"
+    return Table("niah", title, ["model", *map(_length_label, lengths)], rows, notes)
 
 
 def perplexity_by_length(results: Mapping[str, Mapping[str, Any]]) -> Table:
@@ -171,6 +191,65 @@ def longbench(results: Mapping[str, Mapping[str, Any]]) -> Table:
             continue
         rows.append([variant, *[result["tasks"].get(t, {}).get("score") for t in tasks], result.get("average")])
     return Table("table3_longbench", "LongBench / InfiniteBench (Table 3)", ["model", *tasks, "avg"], rows, notes)
+
+
+# The paper's Table 2 ordering at the target length: LongRoPE2 >= LongRoPE, NTK, YaRN > PI and none.
+PAPER_ORDER: tuple[tuple[str, str, str], ...] = (
+    *((("longrope2", ">=", m) for m in ("longrope", "ntk", "yarn"))),
+    *(((a, ">", b) for a in ("longrope", "ntk", "yarn") for b in ("pi", "none"))),
+)
+
+
+def ordering_notes(scores: Mapping[str, float | None], where: str,
+                   samples: Mapping[str, int] | None = None) -> list[str]:
+    """The paper's Table 2 claims these scores can test, each kept or contradicted (never hidden).
+
+    samples: for scores that are fractions of samples (exact match), their counts; a claim whose two
+    scores differ by no more than two binomial standard errors is marked as within the noise."""
+    kept, broken = [], []
+    for a, op, b in PAPER_ORDER:
+        x, y = scores.get(a), scores.get(b)
+        if x is None or y is None:
+            continue
+        holds = x >= y if op == ">=" else x > y
+        detail = f"{fmt(x)} vs {fmt(y)}"
+        if samples and samples.get(a) and samples.get(b):
+            band = 2 * math.sqrt(x * (1 - x) / samples[a] + y * (1 - y) / samples[b])
+            if abs(x - y) <= band:
+                detail += f", within the noise: 2 SE = {band:.2f}"
+        claim = f"{a} {'≥' if op == '>=' else '>'} {b} ({detail})"
+        (kept if holds else broken).append(claim)
+    notes = []
+    if kept:
+        notes.append(f"As in the paper, {where}: " + "; ".join(kept) + ".")
+    if broken:
+        notes.append(f"CONTRADICTS the paper, {where}: " + "; ".join(broken) + ".")
+    return notes
+
+
+ABLATIONS: dict[str, str] = {
+    "5": "NTK and YaRN re-derived at the searched critical dim (Table 5)",
+    "6": "Search fitness: needle-driven vs plain perplexity (Table 6)",
+    "7": "Mixed context window training (Table 7)",
+    "10": "Searched dims: from the critical dim vs all (Table 10)",
+}
+
+
+def ablation(table_id: str, methods: Sequence[str], columns: Mapping[str, Mapping[str, float | None]],
+             paper: Mapping[str, Mapping[str, float]] | None = None, paper_key: str | None = None) -> Table:
+    """An ablation table: one row per method, one column per metric (name -> method -> value); the paper's
+    number for each method at paper_key (e.g. "131072") beside ours."""
+    header = ["method", *columns]
+    if paper:
+        header.append(f"paper RULER {_length_label(int(paper_key))}" if paper_key else "paper")
+    rows = []
+    for m in methods:
+        row: list[Any] = [m, *[col.get(m) for col in columns.values()]]
+        if paper:
+            row.append(paper.get(m, {}).get(paper_key) if paper_key else None)
+        rows.append(row)
+    notes = ["Paper column: LongRoPE2 (arXiv 2502.20082)."] if paper else []
+    return Table(f"table{table_id}_ablation", ABLATIONS[table_id], header, rows, notes)
 
 
 def render_all(tables: Sequence[Table]) -> dict[str, str]:

@@ -1,28 +1,32 @@
 """Stage `train`: mixed context window fine-tuning (spec §5), then the model as a Hugging Face checkpoint.
 
-In:  the base model (model.path), the searched factors (<out_dir>/search/rope_parameters.json), the rows of
-     stage train_data, the held-out needle sets of stage needle_data, train.* (optimiser, schedule, batch,
-     the mixed-window switch, execution).
-Out: <out_dir>/train/<variant>/ (variant: longrope2, or longrope2_no_mixed with train.mixed_window=false)
-       model/            a standard model directory: weights, tokenizer, config with rope_parameters
-                         {rope_type: longrope, short_factor ones (no_mixed: = long_factor), long_factor,
-                         original_max_position_embeddings L_train, attention_factor}, max_position_embeddings L
+In:  the base model (model.path), train.method and its factors (longrope2.methods: closed form for none / pi /
+     ntk / yarn; <out_dir>/search/<search>/result.json for the searched methods and for the critical dim of
+     ntk_rcd / yarn_rcd), the rows of stage train_data, the held-out needle sets of stage needle_data,
+     train.* (optimiser, schedule, batch, execution).
+Out: <out_dir>/train/<method>/
+       model/            a standard model directory: weights, tokenizer, config with the method's
+                         rope_parameters: LongRoPE family {rope_type: longrope, short_factor ones
+                         (longrope2_no_mixed: = long_factor), long_factor, original_max_position_embeddings
+                         L_train, attention_factor}; pi: linear; ntk: default with its base; yarn: yarn;
+                         max_position_embeddings L
        loss.csv          per step: loss (all rows), short_loss, long_loss, lr, grad_norm, tokens/s
        loss.png          the loss curves
        validation.json   held-out needle exact match and needle-PPL at L_train and at L: the base model
                          (original RoPE) against this model loaded back with from_pretrained
        train.json        steps, rows, tokens, wall time, throughput, the factors, the variant
-     Checkpoints every train.checkpoint_every steps in <out_dir>/checkpoints/train-<variant>-<hash>/
+     Checkpoints every train.checkpoint_every steps in <out_dir>/checkpoints/train-<method>-<hash>/
      (accelerate's save_state: weights, AdamW, schedule): a killed run resumes at the last one and
      continues the same loss curve; they are deleted once the outputs are written.
 
-The model is the base model with its config's rope_parameters set to the searched longrope factors, so
-every forward pass uses transformers' own switch: long factors iff max(position_ids) + 1 > L_train.
+Every method gets this same fine-tuning (the paper's fairness rule). For the LongRoPE family the model is
+the base model with its config's rope_parameters set to the longrope factors, so every forward pass uses
+transformers' own switch: long factors iff max(position_ids) + 1 > L_train.
 Short rows (documents packed, positions restarting per document) therefore use the short factors (ones)
 and long rows (positions 0 ... L-1) the long ones; short and long rows go in separate forward passes.
 transformers' longrope multiplies cos/sin by the attention factor on BOTH paths (as Phi-3 does), so the
-fine-tuning trains the short path exactly as the exported model will run it. train.mixed_window=false
-(Table 7) sets short_factor = long_factor: every row then uses the rescaled RoPE.
+fine-tuning trains the short path exactly as the exported model will run it. longrope2_no_mixed (Table 7)
+sets short_factor = long_factor, and the static methods have one scaling: every row then uses it.
 
 Loss: the weighted token mean over every scored token of the global batch (answer tokens of the toy's
 exercises weigh data.train_set.answer_loss_weight, others 1; labels never cross documents of a short
@@ -60,7 +64,7 @@ from omegaconf import DictConfig  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from longrope2 import mixed  # noqa: E402
+from longrope2 import methods, mixed  # noqa: E402
 from longrope2.config import ConfigError, hydra_stage, to_dict  # noqa: E402
 from longrope2.fitness import needle_fitness  # noqa: E402
 from longrope2.inputs import load_needle_sets, load_tokenizer  # noqa: E402
@@ -78,8 +82,16 @@ class TrainingDiverged(RuntimeError):
     """A non-finite loss or gradient: the run stops and keeps its last good checkpoint."""
 
 
-def variant_name(cfg: DictConfig) -> str:
-    return "longrope2" if bool(cfg.train.mixed_window) else "longrope2_no_mixed"
+def search_result_path(cfg: DictConfig) -> Path | None:
+    """result.json of the search train.method takes its factors or critical dim from (None: closed form)."""
+    search = methods.spec(str(cfg.train.method)).search
+    return None if search is None else Path(cfg.out_dir) / "search" / search / "result.json"
+
+
+def method_scaling(cfg: DictConfig, facts: RopeFacts) -> RopeScaling:
+    path = search_result_path(cfg)  # checked before any compute in _run
+    result = None if path is None else json.loads(path.read_text())
+    return methods.method_scaling(str(cfg.train.method), facts, int(cfg.target_len), result)
 
 
 # --------------------------------------------------------------------------- rows
@@ -163,17 +175,6 @@ class ChunkedLossLM(nn.Module):
         return total, weight
 
 
-def extension_scaling(cfg: DictConfig, facts: RopeFacts, rope_parameters: dict[str, Any]) -> RopeScaling:
-    """The searched longrope factors; train.mixed_window=false: the long factors on the short path too."""
-    if rope_parameters.get("rope_type") != "longrope":
-        raise ConfigError(f"search/rope_parameters.json has rope_type {rope_parameters.get('rope_type')!r}; "
-                          "accepted: longrope (rerun stage search)")
-    long = rope_parameters["long_factor"]
-    short = None if bool(cfg.train.mixed_window) else long
-    return RopeScaling.longrope(facts, int(cfg.target_len), long, float(rope_parameters["attention_factor"]),
-                                short_factor=short)
-
-
 def load_base(cfg: DictConfig, attn: str, dtype: torch.dtype) -> tuple[nn.Module, RopeFacts]:
     from transformers import AutoModelForCausalLM
 
@@ -206,16 +207,15 @@ def check_config(cfg: DictConfig, layout: Layout, rows: Rows) -> None:
                           f"{len(rows)} x {t.epochs} (stage train_data made {len(rows)} rows)")
 
 
-def fingerprint(cfg: DictConfig) -> str:
-    """Everything that shapes the loss curve: a changed setting or input starts a fresh run."""
+def fingerprint(cfg: DictConfig, scaling: RopeScaling) -> str:
+    """Everything that shapes the loss curve: a changed setting, scaling or input starts a fresh run."""
     data = to_dict(cfg)
     knobs = {k: v for k, v in data["train"].items()
              if k not in ("processes", "num_threads", "checkpoint_every", "log_every", "validation_batch_size")}
     digest = hashlib.sha256(json.dumps({"train": knobs, "seed": data["seed"], "target_len": data["target_len"],
                                         "model": str(cfg.model.path)}, sort_keys=True).encode())
-    out = Path(cfg.out_dir)
-    for path in (out / "search" / "rope_parameters.json", out / "train_data" / "train_data.json"):
-        digest.update(path.read_bytes())
+    digest.update(json.dumps(scaling.to_rope_parameters(), sort_keys=True).encode())
+    digest.update((Path(cfg.out_dir) / "train_data" / "train_data.json").read_bytes())
     return digest.hexdigest()[:16]
 
 
@@ -463,12 +463,13 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     from transformers import get_scheduler
 
     out_root = Path(cfg.out_dir)
-    variant = variant_name(cfg)
+    variant = str(cfg.train.method)
     out = out_root / "train" / variant
     rows = Rows(out_root / "train_data")
-    rope_path = out_root / "search" / "rope_parameters.json"
-    if not rope_path.is_file():
-        raise ConfigError(f"{rope_path}: missing; run stage search first")
+    path = search_result_path(cfg)
+    if path is not None and not path.is_file():
+        raise ConfigError(f"train.method = {variant}: {path} is missing; run stage search "
+                          f"(search.method={path.parent.name}) first")
     accelerator = make_accelerator(cfg)
     layout = Layout(accelerator.num_processes, accelerator.process_index, int(cfg.train.context_parallel))
     check_config(cfg, layout, rows)
@@ -483,8 +484,8 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     # takes the document masks in its own dtype
     lm, facts = load_base(cfg, str(cfg.train.attn_implementation), torch.float32)
     mask_dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
-    scaling = extension_scaling(cfg, facts, json.loads(rope_path.read_text()))
-    scaling.apply_to_model(lm)  # config rope_parameters = longrope: transformers' own switch from here on
+    scaling = method_scaling(cfg, facts)
+    scaling.apply_to_model(lm)  # the method's rope_parameters (longrope: transformers' own switch) from here on
     if bool(cfg.train.gradient_checkpointing):
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lm.config.use_cache = False
@@ -500,7 +501,7 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
                               num_training_steps=steps)
     accelerator.register_for_checkpointing(scheduler)  # not prepared: it steps once per optimiser step
 
-    key = fingerprint(cfg)
+    key = fingerprint(cfg, scaling)
     ckpt_dir = out_root / "checkpoints" / f"train-{variant}-{key}"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     history: list[dict[str, Any]] = []
@@ -515,7 +516,7 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     main = accelerator.is_main_process
     world, seed, length = accelerator.num_processes, int(cfg.seed), rows.length
     params = [p for p in model.parameters() if p.requires_grad]
-    tracker_cm = stage_run(cfg, "train") if main else contextlib.nullcontext(StageRun())
+    tracker_cm = stage_run(cfg, f"train-{variant}") if main else contextlib.nullcontext(StageRun())
     with tracker_cm as tracker:
         for h in history:
             _log(tracker, h)
@@ -564,11 +565,14 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
             validation = validate(cfg, scratch / "model", accelerator.device)
             write_json(scratch / "validation.json", {"variant": variant, **validation})
             tokens = sum(h["tokens"] for h in history)
-            summary = {"variant": variant, "mixed_window": bool(t.mixed_window), "steps": steps, "rows": len(rows),
+            mixed_window = scaling.switches and scaling.short_factor != scaling.long_factor
+            summary = {"variant": variant, "method": variant, "mixed_window": mixed_window, "steps": steps,
+                       "rows": len(rows),
                        "epochs": int(t.epochs), "global_batch": int(t.global_batch), "tokens": tokens,
                        "processes": world, "wall_s": wall, "tokens_per_s": tokens / wall if wall else None,
                        "final_loss": history[-1]["loss"] if history else None, "seed": seed,
-                       "rope_parameters": scaling.to_rope_parameters(), "device": str(accelerator.device),
+                       "rope_parameters": scaling.to_rope_parameters(), "long_factor": list(scaling.long_factor),
+                       "critical_dim": scaling.critical_dim, "device": str(accelerator.device),
                        "mixed_precision": str(accelerator.mixed_precision)}
             write_json(scratch / "train.json", summary)
         shutil.rmtree(ckpt_dir, ignore_errors=True)

@@ -8,6 +8,7 @@ from snakemake.exceptions import WorkflowError
 from longrope2.config import ConfigError, compose_config, overrides_from_snakemake, to_dict
 from longrope2 import tracking
 from longrope2.inputs import eval_variants
+from longrope2.methods import spec as method_spec, searches_for
 
 OVERRIDES = overrides_from_snakemake(config)
 try:
@@ -19,10 +20,13 @@ OUT = CFG.out_dir
 # Braces doubled: Snakemake formats shell commands.
 HYDRA_ARGS = " ".join(shlex.quote(o) for o in OVERRIDES).replace("{", "{{").replace("}", "}}")
 PRETRAIN = bool(CFG.model.pretrain.enabled)
-# train.mixed_window=false (Table 7) writes beside the default, not over it.
-# Evaluated models: the original (base) and the fine-tuned variant; one job per (variant, suite).
-BASE_VARIANT, TRAIN_VARIANT = eval_variants(CFG)
-EVAL_VARIANTS = [BASE_VARIANT, TRAIN_VARIANT]
+# Methods (wildcard {method}): each is fine-tuned alike; the searched ones (and the rcd ablations) take
+# their factors (critical dim) from a search run (wildcard {search}), e.g. longrope -> search/longrope.
+METHODS = list(CFG.methods)
+SEARCHES = searches_for(METHODS)
+# Evaluated models: the original (base) and every fine-tuned method; one job per (variant, suite).
+EVAL_VARIANTS = eval_variants(CFG)
+BASE_VARIANT = EVAL_VARIANTS[0]
 EVAL_SUITES = list(CFG.eval.suites)
 
 

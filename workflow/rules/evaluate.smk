@@ -28,7 +28,7 @@ def evaluate_inputs(wildcards):
         if PRETRAIN:
             inputs["model"] = rules.pretrain.output.model
     else:
-        inputs["model"] = rules.train.output[0]
+        inputs["model"] = expand(rules.train.output[0], method=wildcards.variant)
         if wildcards.suite == "short":
             inputs["base_short"] = f"{OUT}/eval/{BASE_VARIANT}/short"
     return inputs

@@ -4,8 +4,8 @@
 rule report:
     input:
         evaluations=expand(rules.evaluate.output, variant=EVAL_VARIANTS, suite=EVAL_SUITES),
-        train=rules.train.output,
-        search=rules.search.output.factors,
+        train=expand(rules.train.output, method=METHODS),
+        search=expand(rules.search.output.factors, search=SEARCHES),
         critical_dim=rules.critical_dim.output,
     output:
         report(
@@ -17,8 +17,8 @@ rule report:
     log:
         f"{OUT}/logs/report.log",
     params:
-        cfg=stage_params("report", "eval.suites", "model.name", "model.path", "model.train_len", "target_len",
-                         "seed", "train.mixed_window"),
+        cfg=stage_params("report", "methods", "eval.suites", "model.name", "model.path", "model.train_len",
+                         "target_len", "seed"),
     threads: 1
     resources:
         **rule_resources("report"),
