@@ -12,7 +12,7 @@ from longrope2.config import (
     to_dict,
 )
 
-EXPERIMENTS = ["toy", "toy_ablations", "smoke", "llama3_8b_128k", "phi3_mini_128k"]
+EXPERIMENTS = ["toy", "toy_ablations", "smoke", "llama3_8b_128k", "phi3_mini_128k", "phi4_mini_128k"]
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -32,6 +32,7 @@ def test_experiment_list_is_the_conf_folder():
     [
         ("llama3_8b_128k", 8192, 131072, 500000.0, 128),
         ("phi3_mini_128k", 2048, 131072, 10000.0, 96),
+        ("phi4_mini_128k", 4096, 131072, 10000.0, 128),
     ],
 )
 def test_paper_experiments_carry_the_paper_settings(experiment, train_len, target_len, base, head_dim):
@@ -60,8 +61,8 @@ def test_interpolations_follow_overrides():
     ("overrides", "message"),
     [
         (["experiment=nope"],
-         "experiment='nope' is not a known experiment; accepted: llama3_8b_128k, phi3_mini_128k, smoke, toy, "
-         "toy_ablations"),
+         "experiment='nope' is not a known experiment; accepted: llama3_8b_128k, phi3_mini_128k, phi4_mini_128k, "
+         "smoke, toy, toy_ablations"),
         (["target_len=128"],
          "target_len = 128: accepted: a length > model.train_len = 128"),
         (["experiment=llama3_8b_128k", "target_len=4096"],
@@ -80,7 +81,7 @@ def test_interpolations_follow_overrides():
         (["model.partial_rotary_factor=0.3"],
          "model.partial_rotary_factor = 0.3: accepted: a factor that makes head_dim x factor"),
         (["search.populaton=3"], "unknown config key 'search.populaton'"),
-        (["model=nope"], "model='nope' is not a known model; accepted: llama3_8b, phi3_mini, toy"),
+        (["model=nope"], "model='nope' is not a known model; accepted: llama3_8b, phi3_mini, phi4_mini, toy"),
     ],
 )
 def test_bad_values_are_rejected_with_key_value_and_accepted(overrides, message):

@@ -14,6 +14,7 @@ EXPERIMENT_RULES = {
     "smoke": DAG | {"pretrain"},
     "llama3_8b_128k": DAG,
     "phi3_mini_128k": DAG,
+    "phi4_mini_128k": DAG,
 }
 
 
@@ -30,6 +31,7 @@ PLANNED_JOBS = {
     "smoke": {"search": 1, "train": 2, "evaluate": 3 * 1},
     "llama3_8b_128k": {"search": 2, "train": 6, "evaluate": 7 * 5},
     "phi3_mini_128k": {"search": 2, "train": 6, "evaluate": 7 * 5},
+    "phi4_mini_128k": {"search": 2, "train": 6, "evaluate": 7 * 5},
 }
 
 
@@ -47,7 +49,7 @@ def test_dry_run_locally(experiment, tmp_path):
     assert {k: jobs[k] for k in PLANNED_JOBS[experiment]} == PLANNED_JOBS[experiment]
 
 
-@pytest.mark.parametrize("experiment", ["llama3_8b_128k", "phi3_mini_128k", "toy"])
+@pytest.mark.parametrize("experiment", ["llama3_8b_128k", "phi3_mini_128k", "phi4_mini_128k", "toy"])
 def test_dry_run_with_the_slurm_profile_from_the_repo_root(experiment, tmp_path):
     # Literally `snakemake --profile slurm` in the repository root (./slurm is the profile).
     proc = run_snakemake(
@@ -82,8 +84,8 @@ def test_bad_config_fails_before_any_job(tmp_path):
 def test_unknown_experiment_names_the_choices(tmp_path):
     proc = run_snakemake("-n", "--config", "experiment=llama4", cwd=tmp_path)
     assert proc.returncode != 0
-    assert ("experiment='llama4' is not a known experiment; accepted: llama3_8b_128k, phi3_mini_128k, smoke, "
-            "toy, toy_ablations") in proc.stderr + proc.stdout
+    assert ("experiment='llama4' is not a known experiment; accepted: llama3_8b_128k, phi3_mini_128k, "
+            "phi4_mini_128k, smoke, toy, toy_ablations") in proc.stderr + proc.stdout
 
 
 def test_unreachable_tracking_store_stops_before_compute(tmp_path):
@@ -158,6 +160,9 @@ def test_smoke_end_to_end_with_tracking(tmp_path):
     niah_table = (out / "report" / "niah.md").read_text()
     assert "| longrope2 |" in niah_table and "| yarn |" in niah_table
     assert (out / "report" / "niah_longrope2.png").exists() and (out / "report" / "loss_longrope2.png").exists()
+    assert (out / "report" / "factors_by_method.png").exists() and (out / "report" / "loss_yarn.png").exists()
+    yarn_summary = json.loads((out / "train" / "yarn" / "train.json").read_text())
+    assert yarn_summary["long_factor"][-1] == 8.0 and not yarn_summary["mixed_window"]  # YaRN: slow pairs at s
     assert elapsed < 480, f"smoke run took {elapsed:.0f} s"  # ~2.5 min alone, more beside the toy DAG
 
     # A second invocation has nothing to do.

@@ -437,12 +437,14 @@ def write_outputs(cfg: DictConfig, out: Path, model: torch.nn.Module, facts: Rop
 
     # Held-out check: the searched factors against the training-free baselines (once, in the longrope2
     # search: the other searches' baselines would be the same numbers).
-    references = baselines(facts, target_len, dims) if str(cfg.search.method) == "longrope2" else {}
-    compared = references | {"searched": scaling}
-    table = validate_methods(model, compared, sets, int(cfg.search.batch_size))
+    references = baselines(facts, target_len, dims)
+    compared = (references if str(cfg.search.method) == "longrope2" else {}) | {"searched": scaling}
+    # The other processes have exited: the job's cores are this process's now.
+    with torch_threads(int(cfg.resources.search.cpus)):
+        table = validate_methods(model, compared, sets, int(cfg.search.batch_size))
     write_json(out / "validation.json", {"target_len": target_len, "samples": {k: len(v) for k, v in sets.items()},
                                          "methods": table})
-    curves = {name: list(m.long_factor) for name, m in compared.items() if name not in ("none", "searched")}
+    curves = {name: list(m.long_factor) for name, m in references.items() if name != "none"}
     curves["searched"] = list(scaling.long_factor)
     plot_factors(curves, best_ind.c, dims, s, out / "factors.png")
 

@@ -196,6 +196,7 @@ def longbench(results: Mapping[str, Mapping[str, Any]]) -> Table:
 # The paper's Table 2 ordering at the target length: LongRoPE2 >= LongRoPE, NTK, YaRN > PI and none.
 PAPER_ORDER: tuple[tuple[str, str, str], ...] = (
     *((("longrope2", ">=", m) for m in ("longrope", "ntk", "yarn"))),
+    *((("longrope2", ">", m) for m in ("pi", "none"))),
     *(((a, ">", b) for a in ("longrope", "ntk", "yarn") for b in ("pi", "none"))),
 )
 

@@ -562,7 +562,8 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
                 return {}
             write_loss_csv(scratch / "loss.csv", history)
             plot_loss(history, variant, scratch / "loss.png")
-            validation = validate(cfg, scratch / "model", accelerator.device)
+            with torch_threads(int(cfg.resources.train.cpus)):  # the other processes have exited
+                validation = validate(cfg, scratch / "model", accelerator.device)
             write_json(scratch / "validation.json", {"variant": variant, **validation})
             tokens = sum(h["tokens"] for h in history)
             mixed_window = scaling.switches and scaling.short_factor != scaling.long_factor
