@@ -84,7 +84,8 @@ def test_outputs_and_invariants(reference):
     validation = json.loads((reference / "search" / "longrope2" / "validation.json").read_text())
     assert set(validation["methods"]) == {"none", "pi", "ntk", "yarn", "dtcd_rule", "searched"}
     searched = validation["methods"]["searched"]["search_needle_ppl"]
-    assert searched == pytest.approx(res["fitness_value"], rel=1e-9)
+    # recomputed on the job's cores after the search (another thread count): equal but for float sums
+    assert searched == pytest.approx(res["fitness_value"], rel=1e-6)
     for name in ("convergence.png", "factors.png"):
         assert (reference / "search" / "longrope2" / name).stat().st_size > 1000
 

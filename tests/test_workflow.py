@@ -171,7 +171,8 @@ def test_smoke_end_to_end_with_tracking(tmp_path):
     # An override only the fine-tuning reads reruns the fine-tuning only (not pretraining or search), and
     # a method added to the list runs alone (Table 7's reuses longrope2's search).
     for override in ("methods=[yarn,longrope2,longrope2_no_mixed]", "train.lr=0.002"):
-        plan = run_snakemake("-n", "--config", "experiment=smoke", f"overrides=[{override}]", cwd=tmp_path)
+        # quoted: a list inside the overrides list would otherwise split at its commas
+        plan = run_snakemake("-n", "--config", "experiment=smoke", f'overrides=["{override}"]', cwd=tmp_path)
         assert plan.returncode == 0, plan.stderr
         # ... and the evaluations of the fine-tuned variants
         assert planned_rules(plan.stdout) == {"train", "evaluate", "report", "all"}, (override, plan.stdout[-2000:])
