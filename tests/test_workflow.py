@@ -177,7 +177,7 @@ def test_smoke_end_to_end_with_tracking(tmp_path):
         # ... and the evaluations of the fine-tuned variants
         assert planned_rules(plan.stdout) == {"train", "evaluate", "report", "all"}, (override, plan.stdout[-2000:])
         assert "variant=base" not in plan.stdout
-        assert ("train.method=yarn" in plan.stdout) == override.startswith("train.lr")
+        assert ("wildcards: method=yarn" in plan.stdout) == override.startswith("train.lr")
 
 
 def test_tracking_can_be_switched_off(tmp_path, tiny_hf_model_dir):
