@@ -27,7 +27,6 @@ from longrope2.scaling import RopeFacts, RopeScaling
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
-    label: str  # as the paper's tables write it
     kind: str  # static | searched | derived
     search: str | None = None  # the search run whose factors (searched) or critical dim (derived) it uses
     search_overrides: Mapping[str, Any] = field(default_factory=dict)  # search.* of that run
@@ -36,19 +35,17 @@ class MethodSpec:
 
 _LR2 = "longrope2"
 METHOD_SPECS: dict[str, MethodSpec] = {m.name: m for m in (
-    MethodSpec("none", "none (original RoPE)", "static"),
-    MethodSpec("pi", "PI", "static"),
-    MethodSpec("ntk", "NTK", "static"),
-    MethodSpec("yarn", "YaRN", "static"),
-    MethodSpec("longrope", "LongRoPE", "searched", "longrope", {"all_dims": True, "fitness": "plain_ppl"}),
-    MethodSpec(_LR2, "LongRoPE2", "searched", _LR2),
-    MethodSpec("ntk_rcd", "NTK-rcd", "derived", _LR2),
-    MethodSpec("yarn_rcd", "YaRN-rcd", "derived", _LR2),
-    MethodSpec("longrope2_plain_ppl", "LongRoPE2, plain-PPL search", "searched", "longrope2_plain_ppl",
-               {"fitness": "plain_ppl"}),
-    MethodSpec("longrope2_no_mixed", "LongRoPE2, no mixed window", "searched", _LR2, mixed_window=False),
-    MethodSpec("longrope2_all_dims", "LongRoPE2, all dims searched", "searched", "longrope2_all_dims",
-               {"all_dims": True}),
+    MethodSpec("none", "static"),
+    MethodSpec("pi", "static"),
+    MethodSpec("ntk", "static"),
+    MethodSpec("yarn", "static"),
+    MethodSpec("longrope", "searched", "longrope", {"all_dims": True, "fitness": "plain_ppl"}),
+    MethodSpec(_LR2, "searched", _LR2),
+    MethodSpec("ntk_rcd", "derived", _LR2),
+    MethodSpec("yarn_rcd", "derived", _LR2),
+    MethodSpec("longrope2_plain_ppl", "searched", "longrope2_plain_ppl", {"fitness": "plain_ppl"}),
+    MethodSpec("longrope2_no_mixed", "searched", _LR2, mixed_window=False),
+    MethodSpec("longrope2_all_dims", "searched", "longrope2_all_dims", {"all_dims": True}),
 )}
 METHOD_NAMES: tuple[str, ...] = tuple(METHOD_SPECS)
 # The search runs a method can need, and the search.* each one sets (the user's search.* fills the rest).

@@ -28,7 +28,7 @@ matplotlib.use("Agg")
 import yaml  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from longrope2 import methods, ruler, tables  # noqa: E402
+from longrope2 import methods, rope, ruler, tables  # noqa: E402
 from longrope2.config import ConfigError, hydra_stage  # noqa: E402
 from longrope2.inputs import eval_variants  # noqa: E402
 from longrope2.outputs import atomic_dir, save_figure  # noqa: E402
@@ -145,7 +145,7 @@ def plot_factors_by_method(cfg: DictConfig, path: Path) -> bool:
     curves = {m: lam for m, lam in curves.items() if lam}
     if not curves:
         return False
-    s = int(cfg.target_len) / int(cfg.model.train_len)
+    s = rope.extension_ratio(int(cfg.target_len), int(cfg.model.train_len))
     fig, ax = plt.subplots(figsize=(7, 4))
     for method, lam in curves.items():
         ax.plot(range(len(lam)), lam, "o-" if method == "longrope2" else "-", ms=3, label=method)

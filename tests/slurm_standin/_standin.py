@@ -171,6 +171,14 @@ def parse_options(command: str, argv: list[str], value_opts: dict, flag_opts: di
     """
     options, positional = {}, []
     i = 0
+
+    def next_arg(missing: str) -> str:  # an option's value given as the next argument
+        nonlocal i
+        i += 1
+        if i >= len(argv):
+            fail(command, missing)
+        return argv[i]
+
     while i < len(argv):
         arg = argv[i]
         if arg == "--":
@@ -180,10 +188,7 @@ def parse_options(command: str, argv: list[str], value_opts: dict, flag_opts: di
             name, eq, value = arg.partition("=")
             if name in value_opts:
                 if not eq:
-                    i += 1
-                    if i >= len(argv):
-                        fail(command, f"option '{name}' requires an argument")
-                    value = argv[i]
+                    value = next_arg(f"option '{name}' requires an argument")
                 options[value_opts[name]] = value
             elif name in flag_opts and not eq:
                 options[flag_opts[name]] = True
@@ -196,10 +201,7 @@ def parse_options(command: str, argv: list[str], value_opts: dict, flag_opts: di
                 if short in value_opts:
                     value = arg[j + 1:]
                     if not value:
-                        i += 1
-                        if i >= len(argv):
-                            fail(command, f"option requires an argument -- '{arg[j]}'")
-                        value = argv[i]
+                        value = next_arg(f"option requires an argument -- '{arg[j]}'")
                     options[value_opts[short]] = value
                     break
                 if short in flag_opts:
