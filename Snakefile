@@ -21,7 +21,8 @@ rule all:
     default_target: True
     input:
         rules.critical_dim.output,
-        expand(rules.search.output, search=SEARCHES),
-        expand(rules.train.output, method=METHODS),
-        expand(rules.evaluate.output, variant=EVAL_VARIANTS, suite=EVAL_SUITES),
+        expand(rules.search.output, search=SEARCHES, seed=SEEDS),
+        expand(rules.train.output, method=METHODS, seed=SEEDS),
+        expand(rules.evaluate_base.output, suite=EVAL_SUITES),
+        expand(rules.evaluate.output, variant=METHODS, suite=EVAL_SUITES, seed=SEEDS),
         rules.report.output,

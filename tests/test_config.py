@@ -12,7 +12,7 @@ from longrope2.config import (
     to_dict,
 )
 
-EXPERIMENTS = ["toy", "toy_ablations", "smoke", "llama3_8b_128k", "phi3_mini_128k", "phi4_mini_128k"]
+EXPERIMENTS = ["toy", "toy_ablations", "toy_seeds", "smoke", "llama3_8b_128k", "phi3_mini_128k", "phi4_mini_128k"]
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -62,7 +62,7 @@ def test_interpolations_follow_overrides():
     [
         (["experiment=nope"],
          "experiment='nope' is not a known experiment; accepted: llama3_8b_128k, phi3_mini_128k, phi4_mini_128k, "
-         "smoke, toy, toy_ablations"),
+         "smoke, toy, toy_ablations, toy_seeds"),
         (["target_len=128"],
          "target_len = 128: accepted: a length > model.train_len = 128"),
         (["experiment=llama3_8b_128k", "target_len=4096"],
@@ -81,6 +81,9 @@ def test_interpolations_follow_overrides():
         (["model.partial_rotary_factor=0.3"],
          "model.partial_rotary_factor = 0.3: accepted: a factor that makes head_dim x factor"),
         (["search.populaton=3"], "unknown config key 'search.populaton'"),
+        (["seeds=[]"], "seeds = []: accepted: a list of at least 1 item"),
+        (["seeds=[0,0]"], "seeds = [0, 0]: accepted: a list without repeated items"),
+        (["seeds=[0,1]", "run_seed=2"], "run_seed = 2: accepted: null or one of seeds = [0, 1]"),
         (["model=nope"], "model='nope' is not a known model; accepted: llama3_8b, phi3_mini, phi4_mini, toy"),
     ],
 )
@@ -115,7 +118,7 @@ def test_snakemake_config_becomes_hydra_overrides():
         "eval.ruler.lengths=[4096,8192]",
     ]
     cfg = compose_config(overrides)
-    assert (cfg.model.path, cfg.search.population, cfg.seed) == ("/models/llama3", 48, 3)
+    assert (cfg.model.path, cfg.search.population, cfg.seed, list(cfg.seeds)) == ("/models/llama3", 48, 3, [3])
     assert list(cfg.eval.ruler.lengths) == [4096, 8192]
     assert overrides_from_snakemake({"overrides": "seed=1", "flag": True}) == ["flag=true", "seed=1"]
 

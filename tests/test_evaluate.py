@@ -47,7 +47,7 @@ def evaluated(tmp_path_factory, toy_model_dir, books):
              "eval.longbench.max_length=128"]
     cfg = _cfg(tmp_path, toy_model_dir, books, *extra)
     eval_data.run(cfg)
-    shutil.copytree(toy_model_dir, tmp_path / "out" / "train" / "tuned" / "model")
+    shutil.copytree(toy_model_dir, tmp_path / "out" / "seed0" / "train" / "tuned" / "model")
     results = {}
     for variant, suites in (("base", ("ruler", "niah", "ppl", "longbench", "short")), ("tuned", ("niah", "short"))):
         for suite in suites:
@@ -71,7 +71,8 @@ def test_eval_data_is_deterministic_and_records_what_does_not_fit(evaluated, tmp
 def test_every_suite_writes_one_result_per_variant(evaluated):
     out, results = evaluated
     for (variant, suite), result in results.items():
-        on_disk = json.loads((out / "eval" / variant / suite / f"{suite}.json").read_text())
+        folder = out / "eval" / variant if variant == "base" else out / "seed0" / "eval" / variant
+        on_disk = json.loads((folder / suite / f"{suite}.json").read_text())
         assert on_disk == json.loads(json.dumps(result))
         assert on_disk["variant"] == variant and on_disk["suite"] == suite
     ruler_result = results["base", "ruler"]

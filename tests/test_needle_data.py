@@ -22,8 +22,8 @@ def _cfg(tmp_path, model_dir, folder, *extra):
     ])
 
 
-def _load(out):
-    folder = out / "needle_data"
+def _load(out, seed=0):
+    folder = out / f"seed{seed}" / "needle_data"
     meta = json.loads((folder / "needle_data.json").read_text())
     return meta, {s: torch.load(folder / f"{s}.pt") for s in ("search", "validation", "validation_short")}
 
@@ -61,10 +61,13 @@ def test_samples_are_exact_answer_only_and_decode_to_the_template(tmp_path, toy_
 def test_deterministic_for_a_seed(tmp_path, toy_model_dir, book_folder):
     needle_data.run(_cfg(tmp_path / "a", toy_model_dir, book_folder))
     needle_data.run(_cfg(tmp_path / "b", toy_model_dir, book_folder))
-    needle_data.run(_cfg(tmp_path / "c", toy_model_dir, book_folder, "seed=1"))
-    a, b, c = (_load(tmp_path / x / "out")[1]["search"] for x in "abc")
+    # another replicate seed of the same experiment: other samples, in its own folder
+    needle_data.run(_cfg(tmp_path / "c", toy_model_dir, book_folder, "seeds=[0,1]", "run_seed=1"))
+    a, b = (_load(tmp_path / x / "out")[1]["search"] for x in "ab")
+    meta_c, sets_c = _load(tmp_path / "c" / "out", seed=1)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert not torch.equal(a["input_ids"], c["input_ids"])
+    assert not torch.equal(a["input_ids"], sets_c["search"]["input_ids"]) and meta_c["seed"] == 1
+    assert not (tmp_path / "c" / "out" / "seed0").exists()
 
 
 def test_short_document_is_named_before_any_output(tmp_path, toy_model_dir, book_folder):
@@ -90,7 +93,7 @@ def test_empty_folder(tmp_path, toy_model_dir):
 
 def test_no_validation_set_when_its_size_is_zero(tmp_path, toy_model_dir, book_folder):
     needle_data.run(_cfg(tmp_path, toy_model_dir, book_folder, "data.search_set.validation_samples=0"))
-    folder = tmp_path / "out" / "needle_data"
+    folder = tmp_path / "out" / "seed0" / "needle_data"
     assert (folder / "search.pt").is_file() and not (folder / "validation.pt").exists()
     assert not (folder / "validation_short.pt").exists()
     assert "validation" not in json.loads((folder / "needle_data.json").read_text())

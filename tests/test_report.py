@@ -57,8 +57,8 @@ def test_short_table_retention_and_latex_escaping():
     assert r"toy\_short\_needle" in tables.to_latex(table)
 
 
-def _write(out, variant, suite, data):
-    folder = out / "eval" / variant / suite
+def _write(out, variant, suite, data, seed=0):
+    folder = (out / "eval" / variant if variant == "base" else out / f"seed{seed}" / "eval" / variant) / suite
     folder.mkdir(parents=True)
     (folder / f"{suite}.json").write_text(json.dumps(data))
 
@@ -101,3 +101,55 @@ def test_ablation_tables_for_the_methods_run_with_the_papers_number(tmp_path):
     assert t5.header == ["method", "RULER 131072", "paper RULER 128k"]
     assert t5.rows == [["ntk", 70.0, 73.19], ["yarn_rcd", 68.0, 71.46], ["longrope2", 80.0, 82.03]]
     assert built["table7_ablation"].rows == [["longrope2_no_mixed", 79.0, 80.18], ["longrope2", 80.0, 82.03]]
+
+
+def test_means_over_seeds_keep_their_spread_through_every_format():
+    seed0 = {"lengths": [128, 1024], "mean_by_length": {"128": 1.0, "1024": 0.9}, "runs": [[4, 4]], "model": "a",
+             "average": None}
+    seed1 = {"lengths": [128, 1024], "mean_by_length": {"128": 1.0, "1024": 0.7}, "runs": [[4, 4]], "model": "b",
+             "average": 0.5}
+    merged = tables.mean_over_seeds([seed0, seed1])
+    em = merged["mean_by_length"]["1024"]
+    assert isinstance(em, tables.SeedMean) and (float(em), em.n) == pytest.approx((0.8, 2))
+    assert em.std == pytest.approx(0.1414213562)  # sample std (n - 1)
+    # integers equal in every seed stay integers; text is the first seed's; a number one seed lacks: the other's
+    assert merged["lengths"] == [128, 1024] and merged["runs"] == [[4, 4]] and merged["model"] == "a"
+    assert merged["average"] == 0.5
+    assert tables.mean_over_seeds([seed0]) is seed0
+    scaled = 100 * em  # percent keeps the spread
+    assert isinstance(scaled, tables.SeedMean) and scaled.std == pytest.approx(14.14213562)
+
+    table = tables.niah_by_length({"base": seed0, "longrope2": merged})
+    assert tables.to_markdown(table).splitlines()[5] == "| longrope2 | 1.00 ± 0.00 | 0.80 ± 0.14 |"
+    assert tables.to_csv(table).splitlines() == ["model,128,128 std,1k,1k std", "base,1.0,,0.9,",
+                                                 "longrope2,1.0,0.0,0.8,0.14142135623730956"]
+    assert r"0.80 $\pm$ 0.14" in tables.to_latex(table)
+
+
+def test_the_noise_band_of_an_ordering_claim_counts_the_seeds_spread():
+    # 0.95 vs 0.90 on 40 samples each: 2 binomial SE = 0.12, within the noise
+    one = tables.ordering_notes({"longrope2": 0.95, "yarn": 0.90}, "at L", {"longrope2": 40, "yarn": 40})
+    assert one == ["As in the paper, at L: longrope2 ≥ yarn (0.95 vs 0.90, within the noise: 2 SE = 0.12)."]
+    # the same means over 3 seeds with 40 samples each: a tight spread resolves it, a wide one does not
+    tight = {"longrope2": tables.SeedMean(0.95, 0.01, 3), "yarn": tables.SeedMean(0.80, 0.01, 3)}
+    assert "within the noise" not in tables.ordering_notes(tight, "at L", {"longrope2": 40, "yarn": 40})[0]
+    wide = {"longrope2": tables.SeedMean(0.95, 0.01, 3), "yarn": tables.SeedMean(0.80, 0.2, 3)}
+    assert "within the noise: 2 SE = 0.25" in tables.ordering_notes(wide, "at L", {"longrope2": 40, "yarn": 40})[0]
+
+
+def test_report_stage_averages_the_seeds_of_each_method(tmp_path):
+    cfg = compose_config(["experiment=smoke", f"out_dir={tmp_path}", "tracking.enabled=false", "seeds=[0,3]"])
+    _write(tmp_path, "base", "niah", {"lengths": [128, 1024], "mean_by_length": {"128": 1.0, "1024": 0.0}})
+    for seed, (yarn, lr2) in ((0, (0.5, 0.9)), (3, (0.7, 1.0))):
+        _write(tmp_path, "yarn", "niah", {"lengths": [128, 1024], "mean_by_length": {"128": 1.0, "1024": yarn}}, seed)
+        if seed == 0:
+            _write(tmp_path, "longrope2", "niah", {"lengths": [128, 1024], "mean_by_length": {"1024": lr2}}, seed)
+    with pytest.raises(ConfigError, match=r"results missing \(run stage evaluate first\): .*/seed3/eval/longrope2/"
+                                          r"niah/niah.json$"):
+        report.run(cfg)
+    _write(tmp_path, "longrope2", "niah", {"lengths": [128, 1024], "mean_by_length": {"1024": 1.0}}, 3)
+    report.run(cfg)
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "seeds 0, 3: each fine-tuned method's numbers are mean ± std over them" in text
+    assert "| yarn | 1.00 ± 0.00 | 0.60 ± 0.14 |" in text and "| base | 1.00 | 0.00 |" in text
+    assert "longrope2 ≥ yarn (0.95 ± 0.07 vs 0.60 ± 0.14)" in text

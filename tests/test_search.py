@@ -42,11 +42,11 @@ def _prepare(out, model_dir, folder, *extra):
 
 
 def _result(out):
-    return json.loads((Path(out) / "search" / "longrope2" / "result.json").read_text())
+    return json.loads((Path(out) / "seed0" / "search" / "longrope2" / "result.json").read_text())
 
 
 def _history(out):
-    with (Path(out) / "search" / "longrope2" / "history.csv").open() as fh:
+    with (Path(out) / "seed0" / "search" / "longrope2" / "history.csv").open() as fh:
         return list(csv.DictReader(fh))
 
 
@@ -70,7 +70,7 @@ def test_outputs_and_invariants(reference):
     ntk = rope.ntk_tied_factors(lam[c], c, len(lam)).tolist()
     assert lam[:c] == pytest.approx(ntk[:c], rel=1e-12), "NTK tie below c"
     assert res["attention_factor"] == pytest.approx(rope.attention_temperature(8.0, 64))
-    params = json.loads((reference / "search" / "longrope2" / "rope_parameters.json").read_text())
+    params = json.loads((reference / "seed0" / "search" / "longrope2" / "rope_parameters.json").read_text())
     assert params["rope_type"] == "longrope" and params["short_factor"] == [1.0] * 16
     assert params["long_factor"] == lam and params["original_max_position_embeddings"] == 64
     assert params["attention_factor"] == res["attention_factor"]
@@ -81,13 +81,13 @@ def test_outputs_and_invariants(reference):
     best = [float(r["best_fitness"]) for r in history]
     assert all(b <= a for a, b in zip(best, best[1:])), "the parents survive: the best never gets worse"
     assert best[-1] == pytest.approx(res["fitness_value"])
-    validation = json.loads((reference / "search" / "longrope2" / "validation.json").read_text())
+    validation = json.loads((reference / "seed0" / "search" / "longrope2" / "validation.json").read_text())
     assert set(validation["methods"]) == {"none", "pi", "ntk", "yarn", "dtcd_rule", "searched"}
     searched = validation["methods"]["searched"]["search_needle_ppl"]
     # recomputed on the job's cores after the search (another thread count): equal but for float sums
     assert searched == pytest.approx(res["fitness_value"], rel=1e-6)
     for name in ("convergence.png", "factors.png"):
-        assert (reference / "search" / "longrope2" / name).stat().st_size > 1000
+        assert (reference / "seed0" / "search" / "longrope2" / name).stat().st_size > 1000
 
 
 def test_same_seed_same_factors(tmp_path, reference, toy_model_dir, books):
@@ -107,7 +107,7 @@ def test_killed_search_resumes_to_the_same_result(tmp_path, toy_model_dir, books
     many = ("search.iterations=25",)
     _prepare(tmp_path / "ref", toy_model_dir, books, *many)
     _prepare(tmp_path / "killed", toy_model_dir, books, *many)
-    state_dir = tmp_path / "killed" / "search" / "longrope2" / "state"
+    state_dir = tmp_path / "killed" / "seed0" / "search" / "longrope2" / "state"
     proc = _cli(tmp_path / "killed", toy_model_dir, books, *many)
     iteration, deadline = -1, time.monotonic() + 300
     while iteration < 2 and proc.poll() is None and time.monotonic() < deadline:
@@ -118,7 +118,7 @@ def test_killed_search_resumes_to_the_same_result(tmp_path, toy_model_dir, books
     assert proc.poll() is None, "the search ended before it could be killed: make it longer"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (tmp_path / "killed" / "search" / "longrope2" / "result.json").exists()
+    assert not (tmp_path / "killed" / "seed0" / "search" / "longrope2" / "result.json").exists()
     assert 2 <= iteration < 25
 
     resumed = _cli(tmp_path / "killed", toy_model_dir, books, *many)
@@ -197,14 +197,14 @@ def _plain_ppl_of(model_dir, out, scaling):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
     fitness.prepare_for_search(model, rope_facts_from_hf_config(model.config))
     fitness.set_long_rope(model, scaling)
-    ids = torch.load(Path(out) / "needle_data" / "search.pt")["plain_ids"]
+    ids = torch.load(Path(out) / "seed0" / "needle_data" / "search.pt")["plain_ids"]
     return fitness.plain_ppl(model, ids)
 
 
 def test_a_searched_method_sets_its_own_switches_and_writes_beside_the_others(tmp_path, toy_model_dir, books):
     cfg = _prepare(tmp_path, toy_model_dir, books, "search.method=longrope", "search.iterations=1")
     search.run(cfg)
-    res = json.loads((tmp_path / "search" / "longrope" / "result.json").read_text())
+    res = json.loads((tmp_path / "seed0" / "search" / "longrope" / "result.json").read_text())
     # LongRoPE (v1): every dim searched by plain perplexity, whatever search.* said
     assert (res["method"], res["fitness"], res["all_dims"]) == ("longrope", "plain_ppl", True)
-    assert not (tmp_path / "search" / "longrope2").exists()
+    assert not (tmp_path / "seed0" / "search" / "longrope2").exists()

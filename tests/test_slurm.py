@@ -20,7 +20,9 @@ PLACEMENT = "overrides=[cluster.partition=standin, cluster.account=proj42]"
 # start at 1 s. Outputs appear at once on a local disk: no 60 s latency wait.
 FAST_POLLING = ("--slurm-init-seconds-before-status-checks", "1", "--latency-wait", "5")
 SMOKE_RULES = {"pretrain", "critical_dim", "needle_data", "search", "train_data", "train", "eval_data", "evaluate",
-               "report"}
+               "evaluate_base", "report"}
+# evaluate_base takes resources.evaluate: the same stage on the base model.
+RESOURCES_OF = {"evaluate_base": "evaluate"}
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -96,14 +98,16 @@ def test_smoke_runs_through_the_slurm_plugin(tmp_path, slurm_cluster):
     assert submitted == planned
     for call in calls:
         argv = call["argv"]
-        spec = resources[rule_of(option(argv, "--comment"))]
+        rule = rule_of(option(argv, "--comment"))
+        spec = resources[RESOURCES_OF.get(rule, rule)]
         assert "--parsable" in argv and option(argv, "--job-name") == run_id, argv
         assert (option(argv, "-p"), option(argv, "-A")) == ("standin", "proj42"), argv
         assert option(argv, "--cpus-per-task") == str(spec.cpus), argv
         assert (option(argv, "--mem"), option(argv, "-t")) == (str(spec.mem_mb), str(spec.runtime)), argv
         assert Path(option(argv, "-D")).resolve() == tmp_path.resolve(), argv
         assert "--executor slurm-jobstep" in option(argv, "--wrap"), argv
-    search = next(c["argv"] for c in calls if option(c["argv"], "--comment") == "rule_search_wildcards_longrope2")
+    search = next(c["argv"] for c in calls if rule_of(option(c["argv"], "--comment")) == "search")
+    assert option(search, "--comment") == "rule_search_wildcards_0_longrope2"  # seed 0, search longrope2
     assert option(search, "--cpus-per-task") == str(resources.search.cpus)
     assert option(search, "--mem") == str(resources.search.mem_mb)
 
@@ -120,7 +124,7 @@ def test_smoke_runs_through_the_slurm_plugin(tmp_path, slurm_cluster):
 
     out = tmp_path / "results" / "smoke"
     assert (out / "report" / "report.md").stat().st_size > 0
-    assert (out / "train" / "longrope2" / "model" / "config.json").exists()
+    assert (out / "seed0" / "train" / "longrope2" / "model" / "config.json").exists()
     assert elapsed < 720, f"the smoke run through the slurm plugin took {elapsed:.0f} s"
 
 

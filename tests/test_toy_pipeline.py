@@ -37,11 +37,11 @@ def test_toy_base_model_passes_the_gate_with_the_recorded_figures(toy_run):
 
 def test_toy_search_finds_the_recorded_factors(toy_run):
     golden = json.loads((GOLDEN_DIR / "toy_pipeline.json").read_text())["search"]
-    result = json.loads((toy_run / "search" / "longrope2" / "result.json").read_text())
+    result = json.loads((toy_run / "seed0" / "search" / "longrope2" / "result.json").read_text())
     assert result["critical_dim"] == golden["critical_dim"]
     assert result["long_factor"] == pytest.approx(golden["long_factor"], rel=1e-9)
     assert result["fitness_value"] == pytest.approx(golden["fitness_value"], rel=1e-3)
-    methods = json.loads((toy_run / "search" / "longrope2" / "validation.json").read_text())["methods"]
+    methods = json.loads((toy_run / "seed0" / "search" / "longrope2" / "validation.json").read_text())["methods"]
     for name, value in golden["validation_exact_match"].items():
         assert methods[name]["validation_exact_match"] == pytest.approx(value, abs=1e-9), name
         assert methods[name]["validation_needle_ppl"] == pytest.approx(golden["validation_needle_ppl"][name],
@@ -54,7 +54,7 @@ def test_toy_search_finds_the_recorded_factors(toy_run):
 def test_toy_fine_tuning_meets_the_acceptance_with_the_recorded_figures(toy_run):
     """Issue 4's toy acceptance: >= 0.95 needle exact match at 8x, >= 98 % of the base's within
     the window, on held-out samples; an HF checkpoint; the recorded numbers."""
-    folder = toy_run / "train" / "longrope2"
+    folder = toy_run / "seed0" / "train" / "longrope2"
     val = json.loads((folder / "validation.json").read_text())
     assert val["tuned"]["validation"]["length"] == 1024 and val["tuned"]["validation_short"]["length"] == 128
     assert val["tuned"]["validation"]["exact_match"] >= 0.95
@@ -70,15 +70,16 @@ def test_toy_fine_tuning_meets_the_acceptance_with_the_recorded_figures(toy_run)
     config = json.loads((folder / "model" / "config.json").read_text())
     assert config["rope_parameters"]["rope_type"] == "longrope"
     assert config["rope_parameters"]["long_factor"] == json.loads(
-        (toy_run / "search" / "longrope2" / "result.json").read_text())["long_factor"]
-    assert not any((toy_run / "checkpoints").glob("train-*"))  # removed once the outputs exist
+        (toy_run / "seed0" / "search" / "longrope2" / "result.json").read_text())["long_factor"]
+    assert not any((toy_run / "seed0" / "checkpoints").glob("train-*"))  # removed once the outputs exist
 
 
 def test_toy_evaluations_show_the_extension_with_the_recorded_figures(toy_run):
     """Issue 5 on every variant: the base fails beyond its window where the LongRoPE2 model
     retrieves, retention holds, perplexity keeps improving with context."""
     golden = json.loads((GOLDEN_DIR / "toy_pipeline.json").read_text())["eval"]
-    result = {(v, s): json.loads((toy_run / "eval" / v / s / f"{s}.json").read_text())
+    folder = {v: toy_run / "eval" / v if v == "base" else toy_run / "seed0" / "eval" / v for v in golden}
+    result = {(v, s): json.loads((folder[v] / s / f"{s}.json").read_text())
               for v in golden for s in ("niah", "short", "ppl")}
     base_niah, tuned_niah = result["base", "niah"]["mean_by_length"], result["longrope2", "niah"]["mean_by_length"]
     assert base_niah["128"] >= 0.95 and base_niah["1024"] <= 0.05  # inside vs 8x its window

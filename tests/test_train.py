@@ -47,14 +47,14 @@ def _prepare(out, model_dir, folder):
     train_data.run(cfg)
     facts = replace(rope_facts_from_hf_config(AutoConfig.from_pretrained(model_dir)), train_len=L_TRAIN)
     scaling = RopeScaling.longrope2(facts, L, tail=[6.0, 6.5, 7.0, 7.5] + [8.0] * 8, critical_dim=4)
-    (out / "search" / "longrope2").mkdir(parents=True, exist_ok=True)
+    (out / "seed0" / "search" / "longrope2").mkdir(parents=True, exist_ok=True)
     result = {"long_factor": list(scaling.long_factor), "critical_dim": 4, "attention_factor": scaling.attention_factor}
-    (out / "search" / "longrope2" / "result.json").write_text(json.dumps(result))
+    (out / "seed0" / "search" / "longrope2" / "result.json").write_text(json.dumps(result))
     return scaling
 
 
 def _curve(out, variant="longrope2"):
-    with (Path(out) / "train" / variant / "loss.csv").open() as fh:
+    with (Path(out) / "seed0" / "train" / variant / "loss.csv").open() as fh:
         rows = [{k: float(r[k]) for k in CURVE} for r in csv.DictReader(fh)]
     return [{k: (None if v != v else v) for k, v in r.items()} for r in rows]  # NaN (no row of a kind): None
 
@@ -70,11 +70,11 @@ def reference(tmp_path_factory, toy_model_dir, books):
 
 def test_outputs_and_the_exported_config(reference, toy_model_dir):
     out, scaling, summary = reference
-    folder = out / "train" / "longrope2"
+    folder = out / "seed0" / "train" / "longrope2"
     assert sorted(p.name for p in folder.iterdir()) == ["loss.csv", "loss.png", "model", "train.json",
                                                         "validation.json"]
     assert summary["steps"] == 18 * 8 // 2 == len(_curve(out))
-    assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
+    assert not (out / "seed0" / "checkpoints").exists() or not any((out / "seed0" / "checkpoints").iterdir())
     config = json.loads((folder / "model" / "config.json").read_text())
     rp = config["rope_parameters"]
     assert rp["rope_type"] == "longrope" and rp["short_factor"] == [1.0] * 16
@@ -95,7 +95,7 @@ def test_exported_model_loads_with_plain_transformers_and_matches_our_rope(refer
     from transformers import AutoModelForCausalLM
 
     out, scaling, _ = reference
-    path = out / "train" / "longrope2" / "model"
+    path = out / "seed0" / "train" / "longrope2" / "model"
     exported = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ours = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     fitness.prepare_for_search(ours, replace(rope_facts_from_hf_config(ours.config), train_len=L_TRAIN))
@@ -123,7 +123,7 @@ def test_every_method_fine_tunes_on_its_own_scaling_and_exports_it(tmp_path, toy
     summary = train.run(compose_config(_overrides(tmp_path, toy_model_dir, books, f"train.method={method}")))
     assert (summary["method"], summary["mixed_window"]) == (method, False)
     assert summary["critical_dim"] == (4 if method.endswith("_rcd") else None)
-    folder = tmp_path / "train" / method / "model"
+    folder = tmp_path / "seed0" / "train" / method / "model"
     assert json.loads((folder / "config.json").read_text())["rope_parameters"]["rope_type"] == rope_type
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     base_config = AutoConfig.from_pretrained(toy_model_dir)  # the exported NTK config has its new base
@@ -148,12 +148,12 @@ def test_killed_run_resumes_on_the_same_loss_curve(tmp_path, reference, toy_mode
     deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
-        if list((tmp_path / "checkpoints").glob("train-longrope2-*/step-*")):
+        if list((tmp_path / "seed0" / "checkpoints").glob("train-longrope2-*/step-*")):
             break
     assert proc.poll() is None, "the run ended before it could be killed: make it longer"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (tmp_path / "train" / "longrope2").exists()  # no half-written output
+    assert not (tmp_path / "seed0" / "train" / "longrope2").exists()  # no half-written output
     resumed = _cli(tmp_path, toy_model_dir, books, "train.epochs=8")
     log = resumed.communicate(timeout=600)[0]
     assert resumed.returncode == 0, log
@@ -172,7 +172,7 @@ def test_two_processes_give_the_loss_curve_of_one(tmp_path, reference, toy_model
                 f"train.distributed={distributed}", launcher=torchrun)
     log = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0, log
-    assert json.loads((tmp_path / "train" / "longrope2" / "train.json").read_text())["processes"] == 2
+    assert json.loads((tmp_path / "seed0" / "train" / "longrope2" / "train.json").read_text())["processes"] == 2
     two, one = _curve(tmp_path), _curve(reference[0])
     assert len(two) == len(one) == 72
     for a, b in zip(two, one):
@@ -180,7 +180,7 @@ def test_two_processes_give_the_loss_curve_of_one(tmp_path, reference, toy_model
             assert (a[key] is None) == (b[key] is None)
             if b[key] is not None:
                 assert a[key] == pytest.approx(b[key], rel=1e-5), (a["step"], key)
-    weights = [load_file(out / "train" / "longrope2" / "model" / "model.safetensors")
+    weights = [load_file(out / "seed0" / "train" / "longrope2" / "model" / "model.safetensors")
                for out in (tmp_path, reference[0])]
     assert sorted(weights[0]) == sorted(weights[1])
     for k, v in weights[0].items():
@@ -201,15 +201,15 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, toy_
     with pytest.raises(train.TrainingDiverged, match=r"non-finite loss nan .* at step 5 of 9 \(train.lr = 0.001\); "
                                                      r"the last good checkpoint is .*step-00000003"):
         train.run(compose_config(_overrides(tmp_path, toy_model_dir, books)))
-    assert not (tmp_path / "train" / "longrope2").exists()
-    assert len(list((tmp_path / "checkpoints").glob("train-longrope2-*/step-00000003/trainer.json"))) == 1
+    assert not (tmp_path / "seed0" / "train" / "longrope2").exists()
+    assert len(list((tmp_path / "seed0" / "checkpoints").glob("train-longrope2-*/step-00000003/trainer.json"))) == 1
 
 
 def test_no_mixed_window_uses_the_long_factors_everywhere(tmp_path, toy_model_dir, books):
     scaling = _prepare(tmp_path, toy_model_dir, books)
     summary = train.run(compose_config(_overrides(tmp_path, toy_model_dir, books, "train.method=longrope2_no_mixed")))
-    assert summary["variant"] == "longrope2_no_mixed" and not (tmp_path / "train" / "longrope2").exists()
-    config = tmp_path / "train" / "longrope2_no_mixed" / "model" / "config.json"
+    assert summary["variant"] == "longrope2_no_mixed" and not (tmp_path / "seed0" / "train" / "longrope2").exists()
+    config = tmp_path / "seed0" / "train" / "longrope2_no_mixed" / "model" / "config.json"
     rp = json.loads(config.read_text())["rope_parameters"]
     assert rp["short_factor"] == rp["long_factor"] == pytest.approx(list(scaling.long_factor), abs=0)
     from transformers import AutoModelForCausalLM
@@ -256,12 +256,12 @@ def test_stale_rows_and_missing_factors_fail_before_training(tmp_path, toy_model
                                           r"train_data"):
         train.run(compose_config(_overrides(tmp_path, toy_model_dir, books, "target_len=128",
                                             "train.length_mix=[{max_len:64,tokens:2560},{max_len:128,tokens:2000}]")))
-    (tmp_path / "search" / "longrope2" / "result.json").unlink()
+    (tmp_path / "seed0" / "search" / "longrope2" / "result.json").unlink()
     for method in ("longrope2", "yarn_rcd"):
         with pytest.raises(ConfigError, match=rf"train.method = {method}: .*search/longrope2/result.json is missing; "
                                               r"run stage search \(search.method=longrope2\) first"):
             train.run(compose_config(_overrides(tmp_path, toy_model_dir, books, f"train.method={method}")))
-    assert not (tmp_path / "train").exists()
+    assert not (tmp_path / "seed0" / "train").exists()
 
 
 def test_every_epoch_visits_every_row_once():

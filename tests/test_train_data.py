@@ -30,8 +30,8 @@ def _toy_cfg(tmp_path, model_dir, folder, *extra):
                 "data.corpus.heldout_fraction=0.25", *extra)
 
 
-def _load(out):
-    folder = out / "train_data"
+def _load(out, seed=0):
+    folder = out / f"seed{seed}" / "train_data"
     meta = json.loads((folder / "train_data.json").read_text())
     shards = [torch.load(folder / name) for name in meta["shards"]]
     return meta, {k: torch.cat([s[k] for s in shards]) for k in shards[0]}
@@ -120,9 +120,11 @@ def test_toy_rows_budgets_positions_and_exercises(tmp_path, toy_model_dir, marke
 
 
 def test_deterministic_for_a_seed(tmp_path, toy_model_dir, book_folder):
-    for name, extra in (("a", ()), ("b", ()), ("c", ("seed=1",))):
+    # c: another replicate seed of the same experiment (its own rows, in its own folder)
+    for name, extra in (("a", ()), ("b", ()), ("c", ("seeds=[0,1]", "run_seed=1"))):
         train_data.run(_toy_cfg(tmp_path / name, toy_model_dir, book_folder, "data.train_set.shard_rows=7", *extra))
-    (ma, a), (mb, b), (_, c) = (_load(tmp_path / x / "out") for x in "abc")
+    (ma, a), (mb, b), (mc, c) = (_load(tmp_path / x / "out", seed=int(x == "c")) for x in "abc")
+    assert mc["seed"] == 1
     assert ma["shards"] == ["rows-00000.pt", "rows-00001.pt", "rows-00002.pt"] == mb["shards"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["input_ids"], c["input_ids"])
@@ -232,5 +234,5 @@ def test_bad_jsonl_line_leaves_no_folder(tmp_path, toy_model_dir):
     with pytest.raises(ConfigError, match=r"part\.jsonl at byte \d+: accepted: one JSON object per line with a "
                                           r"\"text\" field"):
         train_data.run(_corpora_cfg(tmp_path, toy_model_dir, [("bad", folder, 1.0)]))
-    assert not (tmp_path / "out" / "train_data").exists()
+    assert not (tmp_path / "out" / "seed0" / "train_data").exists()
     assert not (tmp_path / "out" / "train_data.partial").exists()

@@ -7,15 +7,21 @@ import time
 import pytest
 from conftest import run_snakemake
 
-DAG = {"critical_dim", "needle_data", "search", "train_data", "train", "eval_data", "evaluate", "report", "all"}
+DAG = {"critical_dim", "needle_data", "search", "train_data", "train", "eval_data", "evaluate_base", "evaluate",
+       "report", "all"}
 EXPERIMENT_RULES = {
     "toy": DAG | {"pretrain"},
     "toy_ablations": DAG | {"pretrain"},
+    "toy_seeds": DAG | {"pretrain"},
     "smoke": DAG | {"pretrain"},
     "llama3_8b_128k": DAG,
     "phi3_mini_128k": DAG,
     "phi4_mini_128k": DAG,
 }
+
+
+# Stages run once for every seed (the others once per seed, tagged with it in MLflow).
+SHARED_STAGES = {"pretrain", "critical_dim", "eval_data", "evaluate-base-niah", "report"}
 
 
 def planned_rules(stdout: str) -> set[str]:
@@ -24,14 +30,17 @@ def planned_rules(stdout: str) -> set[str]:
     return {line.split()[0] for line in table.splitlines()[3:] if line.strip()}
 
 
-# Jobs per rule in a dry-run: one search per searched method, one fine-tuning per method.
+# Jobs per rule in a dry-run: per seed one search per searched method, one fine-tuning per method and
+# one evaluation per (method, suite); the base model's evaluations once.
 PLANNED_JOBS = {
-    "toy": {"search": 2, "train": 6, "evaluate": 7 * 3},
-    "toy_ablations": {"search": 3, "train": 8, "evaluate": 9 * 3},
-    "smoke": {"search": 1, "train": 2, "evaluate": 3 * 1},
-    "llama3_8b_128k": {"search": 2, "train": 6, "evaluate": 7 * 5},
-    "phi3_mini_128k": {"search": 2, "train": 6, "evaluate": 7 * 5},
-    "phi4_mini_128k": {"search": 2, "train": 6, "evaluate": 7 * 5},
+    "toy": {"needle_data": 1, "search": 2, "train": 6, "evaluate": 6 * 3, "evaluate_base": 3},
+    "toy_ablations": {"search": 3, "train": 8, "evaluate": 8 * 3, "evaluate_base": 3},
+    "toy_seeds": {"needle_data": 3, "train_data": 3, "search": 3 * 2, "train": 3 * 6, "evaluate": 3 * 6 * 3,
+                  "evaluate_base": 3, "pretrain": 1, "eval_data": 1},
+    "smoke": {"search": 1, "train": 2, "evaluate": 2 * 1, "evaluate_base": 1},
+    "llama3_8b_128k": {"search": 2, "train": 6, "evaluate": 6 * 5, "evaluate_base": 5},
+    "phi3_mini_128k": {"search": 2, "train": 6, "evaluate": 6 * 5, "evaluate_base": 5},
+    "phi4_mini_128k": {"search": 2, "train": 6, "evaluate": 6 * 5, "evaluate_base": 5},
 }
 
 
@@ -85,7 +94,7 @@ def test_unknown_experiment_names_the_choices(tmp_path):
     proc = run_snakemake("-n", "--config", "experiment=llama4", cwd=tmp_path)
     assert proc.returncode != 0
     assert ("experiment='llama4' is not a known experiment; accepted: llama3_8b_128k, phi3_mini_128k, "
-            "phi4_mini_128k, smoke, toy, toy_ablations") in proc.stderr + proc.stdout
+            "phi4_mini_128k, smoke, toy, toy_ablations, toy_seeds") in proc.stderr + proc.stdout
 
 
 def test_unreachable_tracking_store_stops_before_compute(tmp_path):
@@ -114,11 +123,12 @@ def test_smoke_end_to_end_with_tracking(tmp_path):
     assert {"em_1x", "em_8x"} <= set(gate["metrics"])
     summary = json.loads((out / "critical_dim" / "critical_dim.json").read_text())
     assert (summary["d_tcd"], summary["d10_tcd"], summary["extension_ratio"]) == (6, 2, 8)
-    result = json.loads((out / "search" / "longrope2" / "result.json").read_text())
+    result = json.loads((out / "seed0" / "search" / "longrope2" / "result.json").read_text())
     assert result["evaluations"] == 6 + 2 * 2 and len(result["long_factor"]) == 16
-    assert json.loads((out / "search" / "longrope2" / "rope_parameters.json").read_text())["rope_type"] == "longrope"
-    assert sorted(p.name for p in (out / "search").iterdir()) == ["longrope2"]  # yarn needs no search
-    rows = json.loads((out / "train_data" / "train_data.json").read_text())
+    rope_parameters = json.loads((out / "seed0" / "search" / "longrope2" / "rope_parameters.json").read_text())
+    assert rope_parameters["rope_type"] == "longrope"
+    assert sorted(p.name for p in (out / "seed0" / "search").iterdir()) == ["longrope2"]  # yarn needs no search
+    rows = json.loads((out / "seed0" / "train_data" / "train_data.json").read_text())
     assert [b["rows"] for b in rows["buckets"]] == [2, 2] and rows["shards"] == ["rows-00000.pt"]
     assert (out / "logs" / "pretrain.log").stat().st_size > 0
     assert not (tmp_path / "outputs").exists()
@@ -136,6 +146,7 @@ def test_smoke_end_to_end_with_tracking(tmp_path):
         assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         assert child.info.status == "FINISHED"
         assert child.data.params["experiment_name"] == "smoke"
+        assert child.data.tags.get("seed") == (None if child.data.tags["stage"] in SHARED_STAGES else "0")
     assert "em_1x" in children["pretrain"].data.metrics
     assert children["train_data"].data.metrics["rows"] == 4
     assert "train_data.json" in {a.path for a in client.list_artifacts(children["train_data"].info.run_id)}
@@ -149,11 +160,11 @@ def test_smoke_end_to_end_with_tracking(tmp_path):
     assert len(client.get_metric_history(train_run.info.run_id, "loss")) == 2  # 2 steps
     assert {"train.json", "loss.csv", "validation.json"} <= {
         a.path for a in client.list_artifacts(train_run.info.run_id)}
-    tuned = out / "train" / "longrope2"
+    tuned = out / "seed0" / "train" / "longrope2"
     assert json.loads((tuned / "model" / "config.json").read_text())["rope_parameters"]["rope_type"] == "longrope"
-    yarn = json.loads((out / "train" / "yarn" / "model" / "config.json").read_text())["rope_parameters"]
+    yarn = json.loads((out / "seed0" / "train" / "yarn" / "model" / "config.json").read_text())["rope_parameters"]
     assert (yarn["rope_type"], yarn["factor"], yarn["original_max_position_embeddings"]) == ("yarn", 8.0, 128)
-    assert (out / "logs" / "train-longrope2.log").stat().st_size > 0
+    assert (out / "logs" / "seed0" / "train-longrope2.log").stat().st_size > 0
     niah = json.loads((out / "eval" / "base" / "niah" / "niah.json").read_text())
     assert niah["lengths"] == [128, 1024] and (out / "eval" / "base" / "niah" / "niah.png").exists()
     assert "niah_em_1024" in children["evaluate-longrope2-niah"].data.metrics
@@ -161,7 +172,7 @@ def test_smoke_end_to_end_with_tracking(tmp_path):
     assert "| longrope2 |" in niah_table and "| yarn |" in niah_table
     assert (out / "report" / "niah_longrope2.png").exists() and (out / "report" / "loss_longrope2.png").exists()
     assert (out / "report" / "factors_by_method.png").exists() and (out / "report" / "loss_yarn.png").exists()
-    yarn_summary = json.loads((out / "train" / "yarn" / "train.json").read_text())
+    yarn_summary = json.loads((out / "seed0" / "train" / "yarn" / "train.json").read_text())
     assert yarn_summary["long_factor"][-1] == 8.0 and not yarn_summary["mixed_window"]  # YaRN: slow pairs at s
     assert elapsed < 480, f"smoke run took {elapsed:.0f} s"  # ~2.5 min alone, more beside the toy DAG
 
@@ -177,7 +188,30 @@ def test_smoke_end_to_end_with_tracking(tmp_path):
         # ... and the evaluations of the fine-tuned variants
         assert planned_rules(plan.stdout) == {"train", "evaluate", "report", "all"}, (override, plan.stdout[-2000:])
         assert "variant=base" not in plan.stdout
-        assert ("wildcards: method=yarn" in plan.stdout) == override.startswith("train.lr")
+        assert ("method=yarn" in plan.stdout) == override.startswith("train.lr")
+
+    # A second seed runs its own jobs only (the base, its data and evaluations, and seed 0 stay), and the
+    # report gives every fine-tuned number as mean ± std over the two seeds.
+    two = ["--config", "experiment=smoke", 'overrides=["seeds=[0,1]"]']
+    plan = run_snakemake("-n", *two, cwd=tmp_path)
+    assert planned_rules(plan.stdout) == {"needle_data", "train_data", "search", "train", "evaluate", "report",
+                                          "all"}, plan.stdout[-2000:]
+    assert "seed=0" not in plan.stdout and "seed=1" in plan.stdout
+    proc = run_snakemake("--cores", "2", *two, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    seed1 = json.loads((out / "seed1" / "search" / "longrope2" / "result.json").read_text())
+    assert seed1["seed"] == 1 and seed1["long_factor"] != result["long_factor"]
+    niah_csv = (out / "report" / "niah.csv").read_text().splitlines()
+    assert niah_csv[0] == "model,128,128 std,1k,1k std" and niah_csv[1].startswith("base,")
+    assert "| longrope2 | " in niah_table and " ± " in (out / "report" / "niah.md").read_text()
+    assert (out / "report" / "loss_yarn_seed1.png").exists()
+    names = {r.info.run_name for r in client.search_runs([experiment.experiment_id])}
+    assert {"train-longrope2-seed0", "train-longrope2-seed1", "search-longrope2-seed1", "evaluate-base-niah"} <= names
+    # One self-contained HTML report of every figure, each seed's search under its own heading.
+    html = run_snakemake(*two, "--report", "report.html", cwd=tmp_path)
+    assert html.returncode == 0, html.stderr[-3000:]
+    text = (tmp_path / "report.html").read_text()
+    assert "longrope2, seed 0" in text and "longrope2, seed 1" in text and "factors_by_method.png" in text
 
 
 def test_tracking_can_be_switched_off(tmp_path, tiny_hf_model_dir):

@@ -162,6 +162,8 @@ def semantic_errors(data: Mapping[str, Any]) -> list[str]:
             f"model.partial_rotary_factor = {model['partial_rotary_factor']}: accepted: a factor "
             f"that makes head_dim x factor (= {rotary:g}) an even integer"
         )
+    if data["run_seed"] is not None and data["run_seed"] not in data["seeds"]:
+        lines.append(f"run_seed = {data['run_seed']}: accepted: null or one of seeds = {json.dumps(data['seeds'])}")
     lines += _search_errors(data)
     lines += _length_mix_errors(data)
     lines += _train_errors(data)
@@ -228,6 +230,16 @@ def _train_errors(data: Mapping[str, Any]) -> list[str]:
                      f"only (got {t['attn_implementation']}: flash attention finds documents from restarting "
                      "positions, which long rows do not have)")
     return lines
+
+
+def run_seed(cfg: DictConfig) -> int:
+    """The replicate seed of a per-seed stage (needle_data, search, train_data, train, evaluate)."""
+    return int(cfg.seeds[0] if cfg.run_seed is None else cfg.run_seed)
+
+
+def run_dir(cfg: DictConfig, seed: int | None = None) -> Path:
+    """<out_dir>/seed<k>: the outputs of one replicate (default: the stage's own, run_seed)."""
+    return Path(cfg.out_dir) / f"seed{run_seed(cfg) if seed is None else int(seed)}"
 
 
 def validate(cfg: DictConfig | Mapping[str, Any]) -> None:

@@ -1,9 +1,11 @@
 """Stage `evaluate`: one evaluation suite on one model variant (spec §6).
 
 In:  the variant's model, loaded as a user loads it (transformers, no custom code):
-     `base` = model.path with its original RoPE; any other variant = <out_dir>/train/<variant>/model;
+     `base` = model.path with its original RoPE; any other variant = <out_dir>/seed<k>/train/<variant>/model
+     (k = run_seed);
      <out_dir>/eval_data/ (stage eval_data); for `short` on a fine-tuned variant, the base's result.
-Out: <out_dir>/eval/<variant>/<suite>/<suite>.json (+ the suite's table and figure), metrics to MLflow.
+Out: <out_dir>/eval/base/<suite>/ or <out_dir>/seed<k>/eval/<variant>/<suite>/: <suite>.json (+ the suite's
+     table and figure), metrics to MLflow.
      - ruler: per-task x length scores (official RULER scoring, x100), average per length, effective
        length; ruler.csv; ruler.png; predictions.jsonl. Runs through lm-eval (generate_until, greedy).
      - niah: exact match and needle-PPL per (length, depth) cell; niah.png (heatmap).
@@ -37,8 +39,8 @@ import yaml  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from longrope2 import long_eval, longbench, ruler, tables  # noqa: E402
-from longrope2.config import ConfigError, hydra_stage  # noqa: E402
-from longrope2.inputs import needle_template  # noqa: E402
+from longrope2.config import ConfigError, hydra_stage, run_dir  # noqa: E402
+from longrope2.inputs import eval_dir, needle_template  # noqa: E402
 from longrope2.outputs import atomic_dir, save_figure, write_json  # noqa: E402
 from longrope2.toy import torch_threads  # noqa: E402
 from longrope2.tracking import stage_run  # noqa: E402
@@ -51,9 +53,9 @@ NOT_IN_AVERAGE = ("perplexity", "bits_per_byte")
 def model_dir(cfg: DictConfig, variant: str) -> str:
     if variant == BASE:
         return str(cfg.model.path)
-    path = Path(cfg.out_dir) / "train" / variant / "model"
+    path = run_dir(cfg) / "train" / variant / "model"
     if not (path / "config.json").is_file():
-        found = sorted(p.parent.name for p in (Path(cfg.out_dir) / "train").glob("*/model/config.json"))
+        found = sorted(p.parent.name for p in (run_dir(cfg) / "train").glob("*/model/config.json"))
         raise ConfigError(f"eval.variant = {variant!r}: no exported model at {path}; accepted: "
                           f"{', '.join([BASE, *found])}")
     return str(path)
@@ -244,7 +246,7 @@ def eval_short(cfg: DictConfig, model: Any, tokenizer: Any, data: Path, out: Pat
     summary: dict[str, Any] = {"window": int(s.window), "tasks": metrics,
                                "average": sum(in_average) / len(in_average) if in_average else None}
     if cfg.eval.variant != BASE and summary["average"] is not None:
-        base = json.loads((Path(cfg.out_dir) / "eval" / BASE / "short" / "short.json").read_text())
+        base = json.loads((eval_dir(cfg, BASE, "short") / "short.json").read_text())
         summary["base_average"] = base["average"]
         summary["retention"] = summary["average"] / base["average"] if base["average"] else None
     return summary
@@ -276,9 +278,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     variant, suite = check_config(cfg)
     path = model_dir(cfg, variant)
     data = Path(cfg.out_dir) / "eval_data"
-    out = Path(cfg.out_dir) / "eval" / variant / suite
+    out = eval_dir(cfg, variant, suite)
     _quiet_lm_eval()
-    with stage_run(cfg, f"evaluate-{variant}-{suite}") as tracker, torch_threads(cfg.eval.num_threads):
+    # The experiment's seed (not run_seed) draws the test data: every replicate is scored on the same samples.
+    tracked = stage_run(cfg, f"evaluate-{variant}-{suite}", per_seed=variant != BASE)
+    with tracked as tracker, torch_threads(cfg.eval.num_threads):
         tracker.set_tags({"variant": variant, "suite": suite, "model": path})
         model, tokenizer = load_model(path, str(cfg.model.dtype))
         with atomic_dir(out) as scratch:

@@ -2,8 +2,8 @@
 
 In:  the experiment's long documents (data.corpus; with a held-out split, as for the toy, only the
      documents pretraining never saw), the tokenizer of model.path, data.needle (template, digits,
-     depths), data.search_set (books, samples, validation_books, validation_samples), target_len, seed.
-Out: <out_dir>/needle_data/search.pt and validation.pt (tensors: input_ids and answer_mask (n, L),
+     depths), data.search_set (books, samples, validation_books, validation_samples), target_len, run_seed.
+Out: <out_dir>/seed<k>/needle_data/search.pt and validation.pt (tensors: input_ids and answer_mask (n, L),
      plain_ids (n, L): the same text without the needle, for the plain-PPL ablation),
      validation_short.pt (the same from the validation books at L_train tokens: the within-window
      check of the fine-tuned model) and needle_data.json (every sample's book, key, number, depth,
@@ -20,13 +20,12 @@ other books than the search set, so the search never sees it.
 from __future__ import annotations
 
 import random
-from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig
 
-from longrope2.config import ConfigError, hydra_stage
+from longrope2.config import ConfigError, hydra_stage, run_dir, run_seed
 from longrope2.inputs import corpus_parts, load_tokenizer, needle_template
 from longrope2.needle import NeedleTemplate, build_needle_sample, stack_samples
 from longrope2.outputs import atomic_dir, write_json
@@ -96,8 +95,8 @@ def build_set(
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    out = Path(cfg.out_dir) / "needle_data"
-    length, seed = int(cfg.target_len), int(cfg.seed)
+    out = run_dir(cfg) / "needle_data"
+    length, seed = int(cfg.target_len), run_seed(cfg)
     s = cfg.data.search_set
     sizes = {"search": int(s.samples), "validation": int(s.validation_samples),
              "validation_short": int(s.validation_samples)}
@@ -107,7 +106,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     template = needle_template(cfg)
     books = {split: tokenize_books(tokenizer, docs, length) for split, docs in select_books(cfg).items()}
 
-    with stage_run(cfg, "needle_data") as tracker:
+    with stage_run(cfg, "needle_data", per_seed=True) as tracker:
         summary: dict[str, Any] = {"target_len": length, "seed": seed, "template": str(cfg.data.needle.template),
                                    "depths": list(cfg.data.needle.depths)}
         with atomic_dir(out) as scratch:

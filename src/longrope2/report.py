@@ -1,10 +1,12 @@
 """Stage `report`: the evaluations as the paper's tables and figures, next to the paper's numbers.
 
-In:  eval/<variant>/<suite>/<suite>.json of every evaluated variant (base + the experiment's methods) and
-     suite (stage evaluate), train/<method>/{train.json,loss.png}, search/<search>/*.png,
-     critical_dim/periods.png; report.paper names the paper model whose numbers stand beside ours (null for
-     the toy); report.table2_suite the suite whose by-length table is checked against the paper's Table 2
-     ordering (ruler; the toy: niah, as RULER's prompts do not fit its 128-token window).
+In:  <suite>.json of every evaluated variant and suite (stage evaluate): eval/base/<suite>/ and, for each
+     seed k of `seeds` and method, seed<k>/eval/<method>/<suite>/; seed<k>/train/<method>/{train.json,
+     loss.png}, seed<k>/search/<search>/*.png, critical_dim/periods.png. With several seeds every number
+     of a fine-tuned method is its mean ± std over the seeds (the base is one model). report.paper names
+     the paper model whose numbers stand beside ours (null for the toy); report.table2_suite the suite
+     whose by-length table is checked against the paper's Table 2 ordering (ruler; the toy: niah, as
+     RULER's prompts do not fit its 128-token window).
 Out: <out_dir>/report/: report.md (every table, the figures), each table as .md, .csv and .tex
      (Table 2 RULER by length, Tables 8-9 RULER per task, Table 4 short tasks and retention, Table 3
      LongBench / InfiniteBench, Tables 5, 6, 7, 10 for the ablations the experiment runs, NIAH and
@@ -29,8 +31,8 @@ import yaml  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from longrope2 import methods, rope, ruler, tables  # noqa: E402
-from longrope2.config import ConfigError, hydra_stage  # noqa: E402
-from longrope2.inputs import eval_variants  # noqa: E402
+from longrope2.config import ConfigError, hydra_stage, run_dir  # noqa: E402
+from longrope2.inputs import eval_dir, eval_variants  # noqa: E402
 from longrope2.outputs import atomic_dir, save_figure  # noqa: E402
 from longrope2.tracking import stage_run  # noqa: E402
 
@@ -56,18 +58,23 @@ def paper_numbers(name: str | None) -> dict[str, Any]:
     }
 
 
+def seeds(cfg: DictConfig) -> list[int]:
+    return [int(k) for k in cfg.seeds]
+
+
 def load_results(cfg: DictConfig) -> dict[str, dict[str, dict[str, Any]]]:
-    """suite -> variant -> result; every (variant, suite) of the experiment must exist."""
-    root = Path(cfg.out_dir) / "eval"
+    """suite -> variant -> result (a fine-tuned variant's: its mean over the seeds); every (variant, suite,
+    seed) of the experiment must exist."""
     results: dict[str, dict[str, dict[str, Any]]] = {}
     missing = []
     for suite in cfg.eval.suites:
         for variant in eval_variants(cfg):
-            path = root / variant / suite / f"{suite}.json"
-            if not path.is_file():
-                missing.append(str(path))
+            paths = [eval_dir(cfg, variant, suite, k) / f"{suite}.json" for k in seeds(cfg)]
+            paths = list(dict.fromkeys(paths))  # the base: one path for every seed
+            missing += [str(p) for p in paths if not p.is_file()]
+            if any(not p.is_file() for p in paths):
                 continue
-            results.setdefault(suite, {})[variant] = json.loads(path.read_text())
+            results.setdefault(suite, {})[variant] = tables.mean_over_seeds([json.loads(p.read_text()) for p in paths])
     if missing:
         raise ConfigError(f"report: evaluation results missing (run stage evaluate first): {', '.join(missing)}")
     return results
@@ -134,21 +141,25 @@ def plot_ruler_by_length(ruler_results: dict[str, dict[str, Any]], paper: dict[s
 
 
 def plot_factors_by_method(cfg: DictConfig, path: Path) -> bool:
-    """λ per frequency pair for every fine-tuned method (paper Figure 4 style), from train/<method>/train.json."""
+    """λ per frequency pair for every fine-tuned method (paper Figure 4 style), from seed<k>/train/<method>/
+    train.json: one line per method and seed, a method's seeds in one colour."""
     import matplotlib.pyplot as plt
 
-    root, curves = Path(cfg.out_dir), {}
+    curves: dict[str, list[list[float]]] = {}
     for method in cfg.methods:
-        summary = root / "train" / str(method) / "train.json"
-        if summary.is_file():
-            curves[str(method)] = json.loads(summary.read_text()).get("long_factor")
-    curves = {m: lam for m, lam in curves.items() if lam}
+        for k in seeds(cfg):
+            summary = run_dir(cfg, k) / "train" / str(method) / "train.json"
+            lam = json.loads(summary.read_text()).get("long_factor") if summary.is_file() else None
+            if lam:
+                curves.setdefault(str(method), []).append(lam)
     if not curves:
         return False
     s = rope.extension_ratio(int(cfg.target_len), int(cfg.model.train_len))
     fig, ax = plt.subplots(figsize=(7, 4))
-    for method, lam in curves.items():
-        ax.plot(range(len(lam)), lam, "o-" if method == "longrope2" else "-", ms=3, label=method)
+    for colour, (method, lams) in enumerate(curves.items()):
+        for j, lam in enumerate(lams):
+            ax.plot(range(len(lam)), lam, "o-" if method == "longrope2" else "-", ms=3, color=f"C{colour}",
+                    alpha=1.0 if j == 0 else 0.5, label=method if j == 0 else None)
     ax.axhline(s, color="grey", ls="--", lw=0.8, label=f"s = {s:g}")
     ax.set_yscale("log")
     ax.set_xlabel("frequency pair i")
@@ -161,14 +172,16 @@ def plot_factors_by_method(cfg: DictConfig, path: Path) -> bool:
 
 def copy_figures(cfg: DictConfig, out: Path) -> list[str]:
     """The figures a reader wants next to the tables, from the stages that made them."""
-    root = Path(cfg.out_dir)
-    sources = {"periods.png": root / "critical_dim" / "periods.png"}
-    for search in methods.searches_for(list(cfg.methods)):
-        sources[f"factors_{search}.png"] = root / "search" / search / "factors.png"
-        sources[f"convergence_{search}.png"] = root / "search" / search / "convergence.png"
-    for variant in eval_variants(cfg):
-        sources[f"niah_{variant}.png"] = root / "eval" / variant / "niah" / "niah.png"
-        sources[f"loss_{variant}.png"] = root / "train" / variant / "loss.png"
+    sources = {"periods.png": Path(cfg.out_dir) / "critical_dim" / "periods.png",
+               "niah_base.png": eval_dir(cfg, "base", "niah") / "niah.png"}
+    for k in seeds(cfg):
+        tag, root = (f"_seed{k}" if len(seeds(cfg)) > 1 else ""), run_dir(cfg, k)
+        for search in methods.searches_for(list(cfg.methods)):
+            sources[f"factors_{search}{tag}.png"] = root / "search" / search / "factors.png"
+            sources[f"convergence_{search}{tag}.png"] = root / "search" / search / "convergence.png"
+        for method in cfg.methods:
+            sources[f"niah_{method}{tag}.png"] = eval_dir(cfg, str(method), "niah", k) / "niah.png"
+            sources[f"loss_{method}{tag}.png"] = root / "train" / str(method) / "loss.png"
     copied = []
     for name, source in sources.items():
         if source.is_file():
@@ -177,10 +190,17 @@ def copy_figures(cfg: DictConfig, out: Path) -> list[str]:
     return copied
 
 
+def seed_line(cfg: DictConfig) -> str:
+    if len(seeds(cfg)) == 1:
+        return f"seed {seeds(cfg)[0]}"
+    return (f"seeds {', '.join(map(str, seeds(cfg)))}: each fine-tuned method's numbers are mean ± std over them "
+            f"(the base model, seed {cfg.seed}, is one model)")
+
+
 def report_markdown(cfg: DictConfig, built: list[tables.Table], figures: list[str]) -> str:
     lines = [f"# {cfg.experiment_name}: LongRoPE2 evaluation report", "",
              f"Model: {cfg.model.name} ({cfg.model.path}); L_train {cfg.model.train_len} -> L {cfg.target_len}; "
-             f"seed {cfg.seed}. Variants: {', '.join(eval_variants(cfg))} (base = original RoPE).", ""]
+             f"{seed_line(cfg)}. Variants: {', '.join(eval_variants(cfg))} (base = original RoPE).", ""]
     if cfg.report.paper is None:
         lines += ["No paper numbers beside these (report.paper is null: the paper has no toy).", ""]
     for table in built:

@@ -1,15 +1,15 @@
 """Stage `search`: the evolutionary search of LongRoPE2's rescaling factors (spec §2-§4).
 
-In:  the base model (model.path), the needle samples of stage needle_data, the critical dims of
+In:  the base model (model.path), the replicate's needle samples (stage needle_data), the critical dims of
      stage critical_dim, search.* (the GA's numbers, fitness, ablation switches, execution).
-Out: <out_dir>/search/<search.method>/ (longrope2; longrope, longrope2_plain_ppl, longrope2_all_dims
-     set their own search.* switches, see longrope2.methods)
+Out: <out_dir>/seed<k>/search/<search.method>/ (k = run_seed; longrope2; longrope, longrope2_plain_ppl,
+     longrope2_all_dims set their own search.* switches, see longrope2.methods)
        result.json            best long_factor, its critical dim c, fitness, s, attention factor
        rope_parameters.json   the same as transformers `rope_parameters` (longrope, short factors ones)
        history.csv            best and median fitness per iteration (per run in per_c mode)
        validation.json        held-out needle-PPL and exact match: searched factors vs the baselines
        convergence.png, factors.png
-     State after every iteration in <out_dir>/search/<method>/state/<hash>.json: a killed search resumes there.
+     State after every iteration in <out_dir>/seed<k>/search/<method>/state/<hash>.json: a killed search resumes there.
 
 Scale-out: `torchrun --nproc_per_node N -m longrope2.search ...` shares each iteration's candidates
 among N processes (gloo on CPUs, NCCL on GPUs); every process runs the same seeded GA, so the
@@ -45,7 +45,7 @@ from omegaconf import DictConfig  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from longrope2 import evolution, fitness, methods, rope  # noqa: E402
-from longrope2.config import ConfigError, hydra_stage, to_dict  # noqa: E402
+from longrope2.config import ConfigError, hydra_stage, run_dir, run_seed, to_dict  # noqa: E402
 from longrope2.evolution import Individual, SearchSpace  # noqa: E402
 from longrope2.inputs import load_needle_sets  # noqa: E402
 from longrope2.needle import NeedleSample  # noqa: E402
@@ -350,8 +350,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _run(cfg: DictConfig, workers: Workers) -> dict[str, Any]:
-    out = Path(cfg.out_dir) / "search" / str(cfg.search.method)
-    needle_dir = Path(cfg.out_dir) / "needle_data"
+    out = run_dir(cfg) / "search" / str(cfg.search.method)
+    needle_dir = run_dir(cfg) / "needle_data"
     dims = json.loads((Path(cfg.out_dir) / "critical_dim" / "critical_dim.json").read_text())
     needle_sets = load_needle_sets(needle_dir)  # split -> (samples, plain_ids)
     samples, plain_ids = needle_sets["search"]
@@ -367,13 +367,14 @@ def _run(cfg: DictConfig, workers: Workers) -> dict[str, Any]:
     state_path = out / "state" / f"{key}.json"
     state = load_state(state_path, key) or {
         "version": STATE_VERSION, "fingerprint": key, "wall_s": 0.0, "history": [], "evaluated": [],
-        "runs": [new_run_state(r, int(cfg.seed)) for r in c_ranges(cfg, dims)],
+        "runs": [new_run_state(r, run_seed(cfg)) for r in c_ranges(cfg, dims)],
     }
     evaluated = [(evolution.from_dict(d), f) for d, f in state["evaluated"]]
     resumed = sum(r["iteration"] + 1 for r in state["runs"])
     knobs = cfg.search
 
-    tracker_cm = stage_run(cfg, f"search-{cfg.search.method}") if workers.main else contextlib.nullcontext(StageRun())
+    tracker_cm = (stage_run(cfg, f"search-{cfg.search.method}", per_seed=True) if workers.main
+                  else contextlib.nullcontext(StageRun()))
     with tracker_cm as tracker:
         if resumed and workers.main:
             print(f"resuming the search from {state_path} ({resumed} finished iterations)")
@@ -428,7 +429,7 @@ def write_outputs(cfg: DictConfig, out: Path, model: torch.nn.Module, facts: Rop
         "short_factor": list(scaling.short_factor), "d_tcd": int(dims["d_tcd"]), "d10_tcd": int(dims["d10_tcd"]),
         "train_len": facts.train_len, "target_len": target_len, "evaluations": len(state["evaluated"]),
         "iterations": int(cfg.search.iterations), "critical_dim_mode": str(cfg.search.critical_dim_mode),
-        "wall_s": state["wall_s"], "seed": int(cfg.seed),
+        "wall_s": state["wall_s"], "seed": run_seed(cfg),
     }
     write_json(out / "result.json", result)
     write_json(out / "rope_parameters.json", scaling.to_rope_parameters())

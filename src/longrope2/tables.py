@@ -1,7 +1,7 @@
 """The paper's table shapes built from evaluation results, rendered as Markdown, CSV and LaTeX.
 
-Pure functions of the `evaluate` stage's result dictionaries (``eval/<variant>/<suite>/<suite>.json``)
-and the paper's numbers (``paper_tables.yaml``, spec §7); no I/O.
+Pure functions of the `evaluate` stage's result dictionaries (``<suite>.json``; with several seeds, their
+mean over seeds, see `mean_over_seeds`) and the paper's numbers (``paper_tables.yaml``, spec §7); no I/O.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,9 +26,52 @@ class Table:
     notes: list[str] = field(default_factory=list)
 
 
+class SeedMean(float):
+    """A metric's mean over seeds (the float's value) with its standard deviation over them (n - 1)."""
+
+    std: float
+    n: int
+
+    def __new__(cls, mean: float, std: float, n: int) -> SeedMean:
+        obj = super().__new__(cls, mean)
+        obj.std, obj.n = float(std), int(n)
+        return obj
+
+    def __mul__(self, k: float) -> SeedMean:  # a unit change (fraction x 100) keeps the spread
+        return SeedMean(float(self) * k, self.std * abs(k), self.n)
+
+    __rmul__ = __mul__
+
+    def __repr__(self) -> str:
+        return f"SeedMean({float(self)!r}, std={self.std!r}, n={self.n})"
+
+
+def mean_over_seeds(results: Sequence[Any]) -> Any:
+    """One result from the same result of several seeds: every number becomes its SeedMean over the seeds
+    that have it (dict keys and equal-length lists matched position by position); anything else (text,
+    flags) is the first seed's. One seed: that result, unchanged."""
+    if len(results) == 1:
+        return results[0]
+    first = results[0]
+    if isinstance(first, dict):
+        keys = list(dict.fromkeys(k for r in results if isinstance(r, dict) for k in r))
+        return {k: mean_over_seeds([r[k] for r in results if isinstance(r, dict) and k in r]) for k in keys}
+    if isinstance(first, list) and all(isinstance(r, list) and len(r) == len(first) for r in results):
+        return [mean_over_seeds([r[i] for r in results]) for i in range(len(first))]
+    if all(isinstance(r, int) and not isinstance(r, bool) and r == first for r in results):
+        return first  # counts, lengths: the same for every seed
+    numbers = [float(r) for r in results
+               if isinstance(r, (int, float)) and not isinstance(r, bool) and not math.isnan(r)]
+    if len(numbers) < 2:
+        return numbers[0] if numbers else first
+    return SeedMean(statistics.fmean(numbers), statistics.stdev(numbers), len(numbers))
+
+
 def fmt(value: Any, digits: int = 2) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return MISSING
+    if isinstance(value, SeedMean):
+        return f"{float(value):.{digits}f} ± {value.std:.{digits}f}"
     if isinstance(value, float):
         return f"{value:.{digits}f}"
     return str(value)
@@ -44,10 +88,22 @@ def to_markdown(table: Table) -> str:
 
 
 def to_csv(table: Table) -> str:
+    """One column per header; a column with means over seeds is followed by its '<name> std' column."""
+    spread = [any(isinstance(row[i], SeedMean) for row in table.rows) for i in range(len(table.header))]
+    header = [h for i, h in enumerate(table.header) for h in ([h, f"{h} std"] if spread[i] else [h])]
+
+    def cells(row: Sequence[Any]) -> list[Any]:
+        out: list[Any] = []
+        for i, v in enumerate(row):
+            out.append("" if v is None else float(v) if isinstance(v, SeedMean) else v)
+            if spread[i]:
+                out.append(v.std if isinstance(v, SeedMean) else "")
+        return out
+
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(table.header)
-    writer.writerows([["" if v is None else v for v in row] for row in table.rows])
+    writer.writerow(header)
+    writer.writerows([cells(row) for row in table.rows])
     return buf.getvalue()
 
 
@@ -62,7 +118,7 @@ def to_latex(table: Table) -> str:
     lines = [r"\begin{table}[t]", r"\centering", rf"\caption{{{_tex(table.title)}}}",
              rf"\begin{{tabular}}{{{cols}}}", r"\toprule", " & ".join(_tex(h) for h in table.header) + r" \\",
              r"\midrule"]
-    lines += [" & ".join(_tex(fmt(v)) for v in row) + r" \\" for row in table.rows]
+    lines += [" & ".join(_tex(fmt(v)).replace("±", r"$\pm$") for v in row) + r" \\" for row in table.rows]
     lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
     return "\n".join(lines) + "\n"
 
@@ -205,8 +261,18 @@ def ordering_notes(scores: Mapping[str, float | None], where: str,
                    samples: Mapping[str, int] | None = None) -> list[str]:
     """The paper's Table 2 claims these scores can test, each kept or contradicted (never hidden).
 
-    samples: for scores that are fractions of samples (exact match), their counts; a claim whose two
-    scores differ by no more than two binomial standard errors is marked as within the noise."""
+    samples: for scores that are fractions of samples (exact match), their counts per seed. A claim whose
+    two scores differ by no more than two standard errors of the difference is marked as within the
+    noise: the binomial error of the samples (pooled over seeds) plus, for means over seeds, the seeds'
+    spread (std / sqrt(seeds))."""
+
+    def variance(score: float, name: str) -> float:
+        seeds = score.n if isinstance(score, SeedMean) else 1
+        var = (score.std ** 2 / seeds) if isinstance(score, SeedMean) else 0.0
+        if samples and samples.get(name):
+            var += float(score) * (1 - float(score)) / (samples[name] * seeds)
+        return var
+
     kept, broken = [], []
     for a, op, b in PAPER_ORDER:
         x, y = scores.get(a), scores.get(b)
@@ -214,10 +280,9 @@ def ordering_notes(scores: Mapping[str, float | None], where: str,
             continue
         holds = x >= y if op == ">=" else x > y
         detail = f"{fmt(x)} vs {fmt(y)}"
-        if samples and samples.get(a) and samples.get(b):
-            band = 2 * math.sqrt(x * (1 - x) / samples[a] + y * (1 - y) / samples[b])
-            if abs(x - y) <= band:
-                detail += f", within the noise: 2 SE = {band:.2f}"
+        spread = variance(x, a) + variance(y, b)
+        if spread > 0 and abs(x - y) <= 2 * math.sqrt(spread):
+            detail += f", within the noise: 2 SE = {2 * math.sqrt(spread):.2f}"
         claim = f"{a} {'≥' if op == '>=' else '>'} {b} ({detail})"
         (kept if holds else broken).append(claim)
     notes = []

@@ -16,7 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from longrope2.config import flatten, to_dict
+from longrope2.config import flatten, run_seed, to_dict
 
 PARENT_RUN_ENV = "LONGROPE2_MLFLOW_PARENT_RUN_ID"
 MAX_PARAM_LENGTH = 6000  # MLflow's limit for one param value
@@ -124,13 +124,18 @@ class StageRun:
 
 
 @contextmanager
-def stage_run(cfg: DictConfig, stage: str) -> Iterator[StageRun]:
-    """A child run of the pipeline's parent run (a top-level run when a stage runs alone)."""
+def stage_run(cfg: DictConfig, stage: str, per_seed: bool = False) -> Iterator[StageRun]:
+    """A child run of the pipeline's parent run (a top-level run when a stage runs alone).
+
+    per_seed: a replicate's stage, named <stage>-seed<k> and tagged with its seed (tag `stage` stays <stage>)."""
     if not cfg.tracking.enabled:
         yield StageRun()
         return
     client = connect(tracking_uri(cfg))
     tags = {"stage": stage, "experiment": str(cfg.experiment_name)}
+    if per_seed:
+        tags["seed"] = str(run_seed(cfg))
+        stage = f"{stage}-seed{run_seed(cfg)}"
     parent = os.environ.get(PARENT_RUN_ENV)
     if parent:
         tags["mlflow.parentRunId"] = parent

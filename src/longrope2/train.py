@@ -1,10 +1,10 @@
 """Stage `train`: mixed context window fine-tuning (spec §5), then the model as a Hugging Face checkpoint.
 
-In:  the base model (model.path), train.method and its factors (longrope2.methods: closed form for none / pi /
-     ntk / yarn; <out_dir>/search/<search>/result.json for the searched methods and for the critical dim of
-     ntk_rcd / yarn_rcd), the rows of stage train_data, the held-out needle sets of stage needle_data,
-     train.* (optimiser, schedule, batch, execution).
-Out: <out_dir>/train/<method>/
+In:  the base model (model.path), train.method and its factors (longrope2.methods: closed form for none /
+     pi / ntk / yarn; <out_dir>/seed<k>/search/<search>/result.json for the searched methods and for the
+     critical dim of ntk_rcd / yarn_rcd), the replicate's rows (stage train_data) and held-out needle sets
+     (stage needle_data), k = run_seed, train.* (optimiser, schedule, batch, execution).
+Out: <out_dir>/seed<k>/train/<method>/
        model/            a standard model directory: weights, tokenizer, config with the method's
                          rope_parameters: LongRoPE family {rope_type: longrope, short_factor ones
                          (longrope2_no_mixed: = long_factor), long_factor, original_max_position_embeddings
@@ -15,7 +15,7 @@ Out: <out_dir>/train/<method>/
        validation.json   held-out needle exact match and needle-PPL at L_train and at L: the base model
                          (original RoPE) against this model loaded back with from_pretrained
        train.json        steps, rows, tokens, wall time, throughput, the factors, the variant
-     Checkpoints every train.checkpoint_every steps in <out_dir>/checkpoints/train-<method>-<hash>/
+     Checkpoints every train.checkpoint_every steps in <out_dir>/seed<k>/checkpoints/train-<method>-<hash>/
      (accelerate's save_state: weights, AdamW, schedule): a killed run resumes at the last one and
      continues the same loss curve; they are deleted once the outputs are written.
 
@@ -65,7 +65,7 @@ from torch import Tensor, nn  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from longrope2 import methods, mixed  # noqa: E402
-from longrope2.config import ConfigError, hydra_stage, to_dict  # noqa: E402
+from longrope2.config import ConfigError, hydra_stage, run_dir, run_seed, to_dict  # noqa: E402
 from longrope2.fitness import needle_fitness  # noqa: E402
 from longrope2.inputs import load_needle_sets, load_tokenizer  # noqa: E402
 from longrope2.outputs import atomic_dir, save_figure, write_json  # noqa: E402
@@ -85,7 +85,7 @@ class TrainingDiverged(RuntimeError):
 def search_result_path(cfg: DictConfig) -> Path | None:
     """result.json of the search train.method takes its factors or critical dim from (None: closed form)."""
     search = methods.spec(str(cfg.train.method)).search
-    return None if search is None else Path(cfg.out_dir) / "search" / search / "result.json"
+    return None if search is None else run_dir(cfg) / "search" / search / "result.json"
 
 
 def method_scaling(cfg: DictConfig, facts: RopeFacts) -> RopeScaling:
@@ -212,10 +212,10 @@ def fingerprint(cfg: DictConfig, scaling: RopeScaling) -> str:
     data = to_dict(cfg)
     knobs = {k: v for k, v in data["train"].items()
              if k not in ("processes", "num_threads", "checkpoint_every", "log_every", "validation_batch_size")}
-    digest = hashlib.sha256(json.dumps({"train": knobs, "seed": data["seed"], "target_len": data["target_len"],
+    digest = hashlib.sha256(json.dumps({"train": knobs, "seed": run_seed(cfg), "target_len": data["target_len"],
                                         "model": str(cfg.model.path)}, sort_keys=True).encode())
     digest.update(json.dumps(scaling.to_rope_parameters(), sort_keys=True).encode())
-    digest.update((Path(cfg.out_dir) / "train_data" / "train_data.json").read_bytes())
+    digest.update((run_dir(cfg) / "train_data" / "train_data.json").read_bytes())
     return digest.hexdigest()[:16]
 
 
@@ -415,7 +415,7 @@ def validate(cfg: DictConfig, model_dir: Path, device: torch.device) -> dict[str
     """Held-out needle exact match / needle-PPL at L_train and at L: base (original RoPE) vs this model."""
     from transformers import AutoModelForCausalLM
 
-    sets = load_needle_sets(Path(cfg.out_dir) / "needle_data")
+    sets = load_needle_sets(run_dir(cfg) / "needle_data")
     chosen = {split: samples for split, (samples, _) in sets.items() if split in ("validation_short", "validation")}
     if not chosen:
         return {}
@@ -462,7 +462,7 @@ def make_accelerator(cfg: DictConfig) -> Any:
 def _run(cfg: DictConfig) -> dict[str, Any]:
     from transformers import get_scheduler
 
-    out_root = Path(cfg.out_dir)
+    out_root = run_dir(cfg)
     variant = str(cfg.train.method)
     out = out_root / "train" / variant
     rows = Rows(out_root / "train_data")
@@ -514,9 +514,9 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
         accelerator.print(f"resuming the fine-tuning from {last} (step {start} of {steps})")
 
     main = accelerator.is_main_process
-    world, seed, length = accelerator.num_processes, int(cfg.seed), rows.length
+    world, seed, length = accelerator.num_processes, run_seed(cfg), rows.length
     params = [p for p in model.parameters() if p.requires_grad]
-    tracker_cm = stage_run(cfg, f"train-{variant}") if main else contextlib.nullcontext(StageRun())
+    tracker_cm = stage_run(cfg, f"train-{variant}", per_seed=True) if main else contextlib.nullcontext(StageRun())
     with tracker_cm as tracker:
         for h in history:
             _log(tracker, h)

@@ -1,8 +1,8 @@
 """Stage `train_data`: rows of exactly target_len tokens for mixed context window fine-tuning (spec §5).
 
 In:  the tokenizer of model.path, train.length_mix (token budget per length bucket), target_len (L),
-     model.train_len (L_train), seed, data.train_set and, for the toy, data.corpus (TRAINING split only).
-Out: <out_dir>/train_data/rows-00000.pt, ... (shard_rows rows each): input_ids, position_ids, doc_ids
+     model.train_len (L_train), run_seed, data.train_set and, for the toy, data.corpus (TRAINING split only).
+Out: <out_dir>/seed<k>/train_data/rows-00000.pt, ... (shard_rows rows each): input_ids, position_ids, doc_ids
      (n, L) int32, loss_weight (n, L) float16, is_long (n,) bool; and train_data.json (rows, tokens and
      documents per bucket, the shards, L, L_train, seed, source statistics).
 
@@ -49,7 +49,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from longrope2 import mixed, toy
-from longrope2.config import ConfigError, hydra_stage
+from longrope2.config import ConfigError, hydra_stage, run_dir, run_seed
 from longrope2.inputs import corpus_parts, load_tokenizer, needle_template, toy_pretrain_settings
 from longrope2.needle import build_needle_sample
 from longrope2.outputs import atomic_dir, write_json
@@ -358,8 +358,8 @@ def corpus_rows(tokenizer: Any, corpora: list[Corpus], buckets: list[Bucket], le
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    out = Path(cfg.out_dir) / "train_data"
-    length, train_len, seed = int(cfg.target_len), int(cfg.model.train_len), int(cfg.seed)
+    out = run_dir(cfg) / "train_data"
+    length, train_len, seed = int(cfg.target_len), int(cfg.model.train_len), run_seed(cfg)
     ts = cfg.data.train_set
     buckets = make_buckets(cfg)  # the config already checked length_mix (first bucket = L_train)
     # Every input check (tokenizer, corpora, lengths) before any row is built.
@@ -373,7 +373,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         stats = {"empty_documents": 0, "skipped_documents": 0}
         rows = corpus_rows(tokenizer, corpora, buckets, length, seed, stats)
 
-    with stage_run(cfg, "train_data") as tracker:
+    with stage_run(cfg, "train_data", per_seed=True) as tracker:
         with atomic_dir(out) as scratch:
             writer = ShardWriter(scratch, int(ts.shard_rows))
             with tqdm(total=sum(b.rows for b in buckets), desc="train_data rows", mininterval=2.0,

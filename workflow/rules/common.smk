@@ -17,6 +17,11 @@ except ConfigError as err:
     raise WorkflowError(f"configuration error (nothing was run):\n{err}") from None
 
 OUT = CFG.out_dir
+# Replicate seeds (wildcard {seed}): needle sets, searches, training rows, fine-tunings and their
+# evaluations run once per seed in <out_dir>/seed<k>/; the base model, critical dims and eval data are shared.
+SEEDS = [int(k) for k in CFG.seeds]
+SEED_OUT = f"{OUT}/seed{{seed}}"
+SEED_LOGS = f"{OUT}/logs/seed{{seed}}"
 # Braces doubled: Snakemake formats shell commands.
 HYDRA_ARGS = " ".join(shlex.quote(o) for o in OVERRIDES).replace("{", "{{").replace("}", "}}")
 PRETRAIN = bool(CFG.model.pretrain.enabled)
@@ -56,6 +61,10 @@ def stage_params(*keys):
         return value
 
     return json.dumps({key: get(key) for key in keys}, sort_keys=True)
+
+
+def seed_constraint():
+    return "|".join(map(str, SEEDS))
 
 
 def rule_resources(rule_name):

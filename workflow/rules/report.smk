@@ -3,9 +3,10 @@
 
 rule report:
     input:
-        evaluations=expand(rules.evaluate.output, variant=EVAL_VARIANTS, suite=EVAL_SUITES),
-        train=expand(rules.train.output, method=METHODS),
-        search=expand(rules.search.output.factors, search=SEARCHES),
+        base_evaluations=expand(rules.evaluate_base.output, suite=EVAL_SUITES),
+        evaluations=expand(rules.evaluate.output, variant=METHODS, suite=EVAL_SUITES, seed=SEEDS),
+        train=expand(rules.train.output, method=METHODS, seed=SEEDS),
+        search=expand(rules.search.output.factors, search=SEARCHES, seed=SEEDS),
         critical_dim=rules.critical_dim.output,
     output:
         report(
@@ -17,7 +18,7 @@ rule report:
     log:
         f"{OUT}/logs/report.log",
     params:
-        cfg=stage_params("report", "methods", "eval.suites", "model.name", "model.path", "model.train_len",
+        cfg=stage_params("report", "methods", "seeds", "eval.suites", "model.name", "model.path", "model.train_len",
                          "target_len", "seed"),
     threads: 1
     resources:

@@ -8,30 +8,31 @@ rule search:
         needles=rules.needle_data.output,
         critical_dim=rules.critical_dim.output.json,
     output:
-        result=f"{OUT}/search/{{search}}/result.json",
-        rope_parameters=f"{OUT}/search/{{search}}/rope_parameters.json",
-        history=f"{OUT}/search/{{search}}/history.csv",
-        validation=f"{OUT}/search/{{search}}/validation.json",
+        result=f"{SEED_OUT}/search/{{search}}/result.json",
+        rope_parameters=f"{SEED_OUT}/search/{{search}}/rope_parameters.json",
+        history=f"{SEED_OUT}/search/{{search}}/history.csv",
+        validation=f"{SEED_OUT}/search/{{search}}/validation.json",
         convergence=report(
-            f"{OUT}/search/{{search}}/convergence.png",
+            f"{SEED_OUT}/search/{{search}}/convergence.png",
             caption="../report/search_convergence.rst",
             category="Search",
-            subcategory="{search}",
+            subcategory="{search}, seed {seed}",
         ),
         factors=report(
-            f"{OUT}/search/{{search}}/factors.png",
+            f"{SEED_OUT}/search/{{search}}/factors.png",
             caption="../report/search_factors.rst",
             category="Search",
-            subcategory="{search}",
+            subcategory="{search}, seed {seed}",
         ),
     log:
-        f"{OUT}/logs/search-{{search}}.log",
+        f"{SEED_LOGS}/search-{{search}}.log",
     wildcard_constraints:
         search="|".join(SEARCHES) or "none",
+        seed=seed_constraint(),
     params:
         cfg=stage_params("model", "search", "target_len", "seed"),
     threads: CFG.resources.search.cpus
     resources:
         **rule_resources("search"),
     shell:
-        stage_cmd("search", processes=CFG.search.processes, extra="search.method={wildcards.search}")
+        stage_cmd("search", processes=CFG.search.processes, extra="search.method={wildcards.search} run_seed={wildcards.seed}")

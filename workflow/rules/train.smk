@@ -3,12 +3,13 @@
 
 def train_inputs(wildcards):
     """The base model, the rows, the needle sets and, for searched / rcd methods, their search result."""
-    inputs = {"rows": rules.train_data.output.rows, "needles": rules.needle_data.output}
+    seed = wildcards.seed
+    inputs = {"rows": expand(rules.train_data.output.rows, seed=seed), "needles": expand(rules.needle_data.output, seed=seed)}
     if PRETRAIN:
         inputs["model"] = rules.pretrain.output.model
     search = method_spec(wildcards.method).search
     if search is not None:
-        inputs["search"] = expand(rules.search.output.result, search=search)
+        inputs["search"] = expand(rules.search.output.result, search=search, seed=wildcards.seed)
     return inputs
 
 
@@ -17,15 +18,16 @@ rule train:
         unpack(train_inputs),
     output:
         # model/ (the Hugging Face checkpoint), loss.csv, loss.png, validation.json, train.json
-        directory(f"{OUT}/train/{{method}}"),
+        directory(f"{SEED_OUT}/train/{{method}}"),
     log:
-        f"{OUT}/logs/train-{{method}}.log",
+        f"{SEED_LOGS}/train-{{method}}.log",
     wildcard_constraints:
         method="|".join(METHODS),
+        seed=seed_constraint(),
     params:
         cfg=stage_params("model", "train", "target_len", "seed"),
     threads: CFG.resources.train.cpus
     resources:
         **rule_resources("train"),
     shell:
-        stage_cmd("train", processes=CFG.train.processes, extra="train.method={wildcards.method}")
+        stage_cmd("train", processes=CFG.train.processes, extra="train.method={wildcards.method} run_seed={wildcards.seed}")
