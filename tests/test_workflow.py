@@ -90,6 +90,13 @@ def test_bad_config_fails_before_any_job(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
+def test_run_seed_is_the_workflows_to_set(tmp_path):
+    proc = run_snakemake("-n", "--config", "experiment=smoke", "run_seed=1", cwd=tmp_path)
+    assert proc.returncode != 0
+    assert ("run_seed is set per job from the {seed} wildcard; accepted: seeds=[...]"
+            in proc.stderr + proc.stdout)
+
+
 def test_unknown_experiment_names_the_choices(tmp_path):
     proc = run_snakemake("-n", "--config", "experiment=llama4", cwd=tmp_path)
     assert proc.returncode != 0

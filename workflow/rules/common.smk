@@ -11,6 +11,9 @@ from longrope2.inputs import eval_variants
 from longrope2.methods import spec as method_spec, searches_for
 
 OVERRIDES = overrides_from_snakemake(config)
+if any(o.lstrip("+~").startswith("run_seed=") for o in OVERRIDES):
+    raise WorkflowError("configuration error (nothing was run): run_seed is set per job from the {seed} "
+                        "wildcard; accepted: seeds=[...] (the replicate seeds to run)")
 try:
     CFG = compose_config(OVERRIDES)
 except ConfigError as err:

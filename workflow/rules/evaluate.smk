@@ -67,4 +67,7 @@ rule evaluate:
     resources:
         **rule_resources("evaluate"),
     shell:
-        stage_cmd("evaluate", extra="eval.variant={wildcards.variant} eval.suite={wildcards.suite} run_seed={wildcards.seed}")
+        stage_cmd(
+            "evaluate",
+            extra="eval.variant={wildcards.variant} eval.suite={wildcards.suite} run_seed={wildcards.seed}",
+        )

@@ -2,14 +2,17 @@
 
 
 def train_inputs(wildcards):
-    """The base model, the rows, the needle sets and, for searched / rcd methods, their search result."""
+    """The base model and, of the job's seed, the rows, the needle sets and (searched / rcd methods) the search result."""
     seed = wildcards.seed
-    inputs = {"rows": expand(rules.train_data.output.rows, seed=seed), "needles": expand(rules.needle_data.output, seed=seed)}
+    inputs = {
+        "rows": expand(rules.train_data.output.rows, seed=seed),
+        "needles": expand(rules.needle_data.output, seed=seed),
+    }
     if PRETRAIN:
         inputs["model"] = rules.pretrain.output.model
     search = method_spec(wildcards.method).search
     if search is not None:
-        inputs["search"] = expand(rules.search.output.result, search=search, seed=wildcards.seed)
+        inputs["search"] = expand(rules.search.output.result, search=search, seed=seed)
     return inputs
 
 
