@@ -108,6 +108,7 @@ def _quiet_lm_eval() -> None:
 
 def eval_ruler(cfg: DictConfig, model: Any, tokenizer: Any, data: Path, out: Path) -> dict[str, Any]:
     import lm_eval
+    from lm_eval.tasks import TaskManager
 
     manifest = json.loads((data / "ruler.json").read_text())
     r = cfg.eval.ruler
@@ -131,7 +132,9 @@ def eval_ruler(cfg: DictConfig, model: Any, tokenizer: Any, data: Path, out: Pat
     if configs:
         budget = max(int(v) for v in r.max_new_tokens.values())
         lm = harness(model, tokenizer, max(int(x) for x in r.lengths) + budget, int(cfg.eval.batch_size))
+        # The task configs are complete: no index of lm-eval's own tasks (~10 s per job).
         result = lm_eval.simple_evaluate(model=lm, tasks=configs, log_samples=True, verbosity="WARNING",
+                                         task_manager=TaskManager(include_defaults=False),
                                          random_seed=int(cfg.seed), numpy_random_seed=int(cfg.seed),
                                          torch_random_seed=int(cfg.seed), fewshot_random_seed=int(cfg.seed))
         for config in configs:
@@ -231,8 +234,11 @@ def eval_short(cfg: DictConfig, model: Any, tokenizer: Any, data: Path, out: Pat
                 spec = toy_task_yaml(task, (data / "short" / f"{task}.jsonl").resolve())
                 (Path(include) / f"{task}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
         lm = harness(model, tokenizer, int(s.window), int(cfg.eval.batch_size))
+        # lm-eval's own tasks (mmlu, ...) need its task index (~10 s to build); the toy's local ones do not.
+        own = any(not task.startswith("toy_short") for task in tasks)
+        manager = TaskManager(include_path=include, include_defaults=own)
         result = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=s.limit, log_samples=False,
-                                         task_manager=TaskManager(include_path=include), verbosity="WARNING",
+                                         task_manager=manager, verbosity="WARNING",
                                          random_seed=int(cfg.seed), numpy_random_seed=int(cfg.seed),
                                          torch_random_seed=int(cfg.seed), fewshot_random_seed=int(cfg.seed))
     metrics = {}
