@@ -40,12 +40,11 @@ from omegaconf import DictConfig  # noqa: E402
 
 from longrope2 import long_eval, longbench, ruler, tables  # noqa: E402
 from longrope2.config import ConfigError, hydra_stage, run_dir  # noqa: E402
-from longrope2.inputs import eval_dir, needle_template  # noqa: E402
+from longrope2.inputs import BASE, eval_dir, needle_template  # noqa: E402
 from longrope2.outputs import atomic_dir, save_figure, write_json  # noqa: E402
 from longrope2.toy import torch_threads  # noqa: E402
 from longrope2.tracking import stage_run  # noqa: E402
 
-BASE = "base"
 # Metrics that are not accuracies stay out of the short average (and so out of retention).
 NOT_IN_AVERAGE = ("perplexity", "bits_per_byte")
 

@@ -16,16 +16,18 @@ from longrope2 import corpus, toy
 from longrope2.config import ConfigError, run_dir
 from longrope2.needle import NeedleSample, NeedleTemplate, template_for, unstack_samples
 
+BASE = "base"  # the evaluated variant that is the original model (original RoPE, not fine-tuned)
+
 
 def eval_variants(cfg: DictConfig) -> list[str]:
     """The evaluated models: the original (base) and every method of the experiment, fine-tuned."""
-    return ["base", *(str(m) for m in cfg.methods)]
+    return [BASE, *(str(m) for m in cfg.methods)]
 
 
 def eval_dir(cfg: DictConfig, variant: str, suite: str, seed: int | None = None) -> Path:
     """Where stage evaluate writes one (variant, suite): <out_dir>/eval/base/<suite> for the base model
     (shared by every seed), <out_dir>/seed<k>/eval/<method>/<suite> for a fine-tuned one (k: seed, or run_seed)."""
-    if variant == "base":
+    if variant == BASE:
         return Path(cfg.out_dir) / "eval" / variant / suite
     return run_dir(cfg, seed) / "eval" / variant / suite
 

@@ -32,7 +32,7 @@ from omegaconf import DictConfig  # noqa: E402
 
 from longrope2 import methods, rope, ruler, tables  # noqa: E402
 from longrope2.config import ConfigError, hydra_stage, run_dir  # noqa: E402
-from longrope2.inputs import eval_dir, eval_variants  # noqa: E402
+from longrope2.inputs import BASE, eval_dir, eval_variants  # noqa: E402
 from longrope2.outputs import atomic_dir, save_figure  # noqa: E402
 from longrope2.tracking import stage_run  # noqa: E402
 
@@ -71,8 +71,9 @@ def load_results(cfg: DictConfig) -> dict[str, dict[str, dict[str, Any]]]:
         for variant in eval_variants(cfg):
             paths = [eval_dir(cfg, variant, suite, k) / f"{suite}.json" for k in seeds(cfg)]
             paths = list(dict.fromkeys(paths))  # the base: one path for every seed
-            missing += [str(p) for p in paths if not p.is_file()]
-            if any(not p.is_file() for p in paths):
+            absent = [str(p) for p in paths if not p.is_file()]
+            if absent:
+                missing += absent
                 continue
             results.setdefault(suite, {})[variant] = tables.mean_over_seeds([json.loads(p.read_text()) for p in paths])
     if missing:
@@ -173,9 +174,10 @@ def plot_factors_by_method(cfg: DictConfig, path: Path) -> bool:
 def copy_figures(cfg: DictConfig, out: Path) -> list[str]:
     """The figures a reader wants next to the tables, from the stages that made them."""
     sources = {"periods.png": Path(cfg.out_dir) / "critical_dim" / "periods.png",
-               "niah_base.png": eval_dir(cfg, "base", "niah") / "niah.png"}
+               f"niah_{BASE}.png": eval_dir(cfg, BASE, "niah") / "niah.png"}
+    several = len(seeds(cfg)) > 1
     for k in seeds(cfg):
-        tag, root = (f"_seed{k}" if len(seeds(cfg)) > 1 else ""), run_dir(cfg, k)
+        tag, root = (f"_seed{k}" if several else ""), run_dir(cfg, k)
         for search in methods.searches_for(list(cfg.methods)):
             sources[f"factors_{search}{tag}.png"] = root / "search" / search / "factors.png"
             sources[f"convergence_{search}{tag}.png"] = root / "search" / search / "convergence.png"

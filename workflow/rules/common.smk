@@ -7,7 +7,7 @@ from snakemake.exceptions import WorkflowError
 
 from longrope2.config import ConfigError, compose_config, overrides_from_snakemake, to_dict
 from longrope2 import tracking
-from longrope2.inputs import eval_variants
+from longrope2.inputs import BASE as BASE_VARIANT
 from longrope2.methods import spec as method_spec, searches_for
 
 OVERRIDES = overrides_from_snakemake(config)
@@ -32,9 +32,7 @@ PRETRAIN = bool(CFG.model.pretrain.enabled)
 # their factors (critical dim) from a search run (wildcard {search}), e.g. longrope -> search/longrope.
 METHODS = list(CFG.methods)
 SEARCHES = searches_for(METHODS)
-# Evaluated models: the original (base) and every fine-tuned method; one job per (variant, suite).
-EVAL_VARIANTS = eval_variants(CFG)
-BASE_VARIANT = EVAL_VARIANTS[0]
+# Evaluated: the original model (BASE_VARIANT, rule evaluate_base) and every fine-tuned method, per suite.
 EVAL_SUITES = list(CFG.eval.suites)
 
 
