@@ -1,15 +1,19 @@
-"""Training throughput: packed mixed rows (the train stage) against padding every document to L.
+"""Training throughput of short rows: unpacked documents (the train stage), the packed row under a
+per-document mask, and every document padded to L.
 
 Same model, same documents, same optimiser-free forward + backward (the chunked loss), side by
-side in one run. Packed: a short row holds several documents of <= L_train tokens in L tokens
-(per-document causal mask, positions restarting); long rows as they are. Padded: every document
-of a short row becomes its own row of L tokens, padded (padding masked out of attention and
-loss); long rows unchanged. Throughput counts real (non-padding) tokens per second.
+side in one run; long rows (one 1 024-token causal row each) are the same in all three. Short
+rows hold several documents of <= L_train tokens in L tokens, positions restarting:
+- unpacked (what stage `train` does under SDPA): the row's documents as rows of their own,
+  right-padded to the longest (mixed.unpack_documents), plain causal attention;
+- masked: the packed row as it is, with the L x L per-document causal mask;
+- padded: every document alone in a row of L tokens (padding masked out of attention and loss).
+Throughput counts real (non-padding) tokens per second.
 
     python benchmarks/train_throughput.py                       # the toy's rows and base model
     python benchmarks/train_throughput.py --rows 16 --threads 2 --json out.json
 
-Needs results/toy/train_data and results/toy/base_model (`snakemake --cores 2 train_data`).
+Needs results/toy/seed0/train_data and results/toy/base_model (`snakemake --cores 2 train_data`).
 """
 
 from __future__ import annotations
@@ -47,15 +51,20 @@ def step(model: ChunkedLossLM, ids: torch.Tensor, pos: torch.Tensor, mask: torch
     (total / denom).backward()
 
 
-def run_packed(model: ChunkedLossLM, rows: dict[str, torch.Tensor]) -> tuple[float, int]:
+def run_packed(model: ChunkedLossLM, rows: dict[str, torch.Tensor], unpack: bool) -> tuple[float, int]:
     t0, real = time.perf_counter(), 0
     for i in range(rows["input_ids"].shape[0]):
         r = {k: v[i : i + 1] for k, v in rows.items()}
         long = bool(r["is_long"][0])
-        labels = mixed.causal_lm_labels(r["input_ids"], None if long else r["doc_ids"])
+        ids, pos = r["input_ids"], r["position_ids"]
+        labels = mixed.causal_lm_labels(ids, None if long else r["doc_ids"])
         weights = mixed.label_weights(r["loss_weight"], labels)
-        mask = None if long else mixed.document_causal_mask(r["doc_ids"])
-        step(model, r["input_ids"], r["position_ids"], mask, labels, weights)
+        mask = None
+        if not long and unpack:
+            ids, pos, labels, weights = mixed.unpack_documents(r["doc_ids"], ids, pos, labels, weights)
+        elif not long:
+            mask = mixed.document_causal_mask(r["doc_ids"])
+        step(model, ids, pos, mask, labels, weights)
         real += r["input_ids"].numel()
     return time.perf_counter() - t0, real
 
@@ -89,12 +98,13 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--results", type=Path, default=Path("results/toy"))
+    p.add_argument("--seed", type=int, default=0, help="the replicate whose train_data rows are used")
     p.add_argument("--rows", type=int, default=8, help="short rows and long rows each")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    data = Rows(args.results / "train_data")
+    data = Rows(args.results / f"seed{args.seed}" / "train_data")
     short = [j for j in range(len(data)) if not bool(data.get([j])["is_long"][0])][: args.rows]
     long = [j for j in range(len(data)) if bool(data.get([j])["is_long"][0])][: args.rows]
     rows = data.get(short + long)
@@ -102,23 +112,26 @@ def main() -> None:
                                               attn_implementation="sdpa")
     model = ChunkedLossLM(lm, 1024).train()
     pad_id = int(lm.config.pad_token_id if lm.config.pad_token_id is not None else 0)
-    run_packed(model, {k: v[:2] for k, v in rows.items()})  # warm-up
-    t_packed, real_packed = run_packed(model, rows)
+    warm = {k: v[:2] for k, v in rows.items()}
+    run_packed(model, warm, unpack=True), run_packed(model, warm, unpack=False)  # warm-up
+    t_unpacked, real = run_packed(model, rows, unpack=True)
+    t_masked, real_masked = run_packed(model, rows, unpack=False)
     t_padded, real_padded, padded_rows = run_padded(model, rows, pad_id)
-    assert real_packed == real_padded, (real_packed, real_padded)
+    assert real == real_masked == real_padded, (real, real_masked, real_padded)
+    docs = sum(int(rows["doc_ids"][j].unique().numel()) for j in range(len(short)))
     result = {
         "model": str(args.results / "base_model"), "row_length": data.length, "short_rows": len(short),
-        "long_rows": len(long), "threads": args.threads, "real_tokens": real_packed,
-        "packed": {"rows": len(short) + len(long), "seconds": t_packed, "tokens_per_s": real_packed / t_packed},
-        "padded": {"rows": padded_rows, "seconds": t_padded, "tokens_per_s": real_padded / t_padded},
-        "speedup": t_padded / t_packed,
+        "long_rows": len(long), "threads": args.threads, "real_tokens": real,
+        "unpacked": {"forward_rows": docs + len(long), "seconds": t_unpacked, "tokens_per_s": real / t_unpacked},
+        "masked": {"forward_rows": len(short) + len(long), "seconds": t_masked, "tokens_per_s": real / t_masked},
+        "padded": {"forward_rows": padded_rows, "seconds": t_padded, "tokens_per_s": real / t_padded},
     }
-    print(f"{result['real_tokens']} real tokens ({len(short)} short + {len(long)} long rows of {data.length}), "
+    print(f"{real} real tokens ({len(short)} short + {len(long)} long rows of {data.length}), "
           f"{args.threads} thread(s), forward + backward:")
-    for name in ("packed", "padded"):
+    for name in ("unpacked", "masked", "padded"):
         r = result[name]
-        print(f"  {name:7s} {r['rows']:5d} rows  {r['seconds']:8.2f} s  {r['tokens_per_s']:10.0f} real tokens/s")
-    print(f"  packed is {result['speedup']:.2f}x faster")
+        print(f"  {name:8s} {r['forward_rows']:5d} rows  {r['seconds']:8.2f} s  {r['tokens_per_s']:10.0f} real "
+              f"tokens/s  ({t_padded / r['seconds']:.2f}x padded)")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 

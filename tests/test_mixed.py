@@ -131,3 +131,59 @@ def test_weighted_chunked_loss_equals_a_hand_weighted_full_loss(base):
     assert float(total) / denom == pytest.approx(expected, rel=1e-6)
     with pytest.raises(ValueError, match=r"weights \(1, 79\) and labels \(1, 80\) disagree"):
         mixed.chunked_causal_lm_loss(hidden, base.get_output_embeddings(), labels, 17, weights[:, :-1])
+
+
+def test_unpacked_documents_are_right_padded_rows_of_their_own():
+    pos = torch.stack([mixed.document_position_ids([3, 2]), mixed.document_position_ids([5])])  # (2, 5)
+    ids = torch.tensor([[10, 11, 12, 20, 21], [30, 31, 32, 33, 34]])
+    doc_ids = mixed.document_ids(pos)
+    labels = mixed.causal_lm_labels(ids, doc_ids)
+    weights = mixed.label_weights(torch.tensor([[1.0, 1.0, 2.0, 1.0, 2.0], [1.0] * 5]), labels)
+    u_ids, u_pos, u_labels, u_weights = mixed.unpack_documents(doc_ids, ids, pos, labels, weights)
+    assert u_ids.tolist() == [[10, 11, 12, 0, 0], [20, 21, 0, 0, 0], [30, 31, 32, 33, 34]]
+    assert u_pos.tolist() == [[0, 1, 2, 3, 4]] * 3  # padding continues the document's positions
+    assert u_labels.tolist() == [[11, 12, -100, -100, -100], [21, -100, -100, -100, -100],
+                                 [31, 32, 33, 34, -100]]
+    assert u_weights.tolist() == [[1.0, 2.0, 0.0, 0.0, 0.0], [2.0, 0.0, 0.0, 0.0, 0.0], [1.0] * 4 + [0.0]]
+    # row 0's last document and row 1's only one share doc id 0 in their rows: still two documents
+    assert mixed.unpack_documents(torch.zeros(2, 4, dtype=torch.long), *[torch.ones(2, 4)] * 4)[0].shape == (2, 4)
+    with pytest.raises(ValueError, match=r"doc_ids must be \(batch, length\), got shape \(5,\)"):
+        mixed.unpack_documents(doc_ids[0], ids, pos, labels, weights)
+
+
+def test_unpacked_documents_give_the_masked_packed_rows_loss_and_gradients(toy_model_dir):
+    # What the train stage runs for short rows under SDPA: each document as a row of its own
+    # (no mask) must train exactly like the packed rows under the per-document mask, on a
+    # longrope model whose short factors the unpacked rows must keep.
+    model = AutoModelForCausalLM.from_pretrained(toy_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    facts = rope_facts_from_hf_config(model.config)
+    RopeScaling.longrope2(facts, 512, tail=[8.0] * 10, critical_dim=6).apply_to_model(model)
+    rows = [[30, 64, 10, 50, 40, 62], [64, 64, 64, 64]]  # two packed rows of 256 tokens
+    pos = torch.stack([mixed.document_position_ids(r) for r in rows])
+    doc_ids = mixed.document_ids(pos)
+    ids = torch.cat(_docs(model.config.vocab_size, [256, 256], seed=3)).view(2, 256)
+    labels = mixed.causal_lm_labels(ids, doc_ids)
+    loss_weight = torch.ones(ids.shape)
+    loss_weight[:, 100:120] = 3.0
+    weights = mixed.label_weights(loss_weight, labels)
+    head = model.get_output_embeddings()
+
+    def loss_and_grads(ids, pos, mask, labels, weights):
+        model.zero_grad()
+        hidden = model.model(input_ids=ids, position_ids=pos, attention_mask=mask).last_hidden_state
+        total, denom = mixed.chunked_causal_lm_loss(hidden, head, labels, 64, weights)
+        total.backward()
+        return float(total.detach()), denom, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    packed = loss_and_grads(ids, pos, mixed.document_causal_mask(doc_ids), labels, weights)
+    u_ids, u_pos, u_labels, u_weights = mixed.unpack_documents(doc_ids, ids, pos, labels, weights)
+    assert u_ids.shape == (10, 64) and not mixed.uses_long_rope(u_pos, TRAIN_LEN)
+    unpacked = loss_and_grads(u_ids, u_pos, None, u_labels, u_weights)
+    assert unpacked[1] == packed[1]
+    assert unpacked[0] == pytest.approx(packed[0], rel=1e-6)
+    for name, grad in packed[2].items():
+        assert torch.allclose(unpacked[2][name], grad, atol=1e-6, rtol=1e-4), name
+    # without its mask the packed row is a different computation, which the comparison tells apart
+    unmasked = loss_and_grads(ids, pos, None, labels, weights)[2]
+    assert not all(torch.allclose(unmasked[n], g, atol=1e-6, rtol=1e-4) for n, g in packed[2].items())
+    model.zero_grad()

@@ -321,6 +321,20 @@ def test_context_parallel_pieces_spread_whole_documents_and_keep_the_loss(toy_mo
     assert all(p.grad is not None and float(p.grad.abs().max()) == 0 for p in lm.parameters())
 
 
+def test_short_rows_run_as_their_documents_and_long_rows_keep_their_mask():
+    cfg = compose_config(["experiment=smoke", "tracking.enabled=false", "train.long_row_attention=per_document"])
+    row = _short_row([30, 64, 10, 50, 40, 62], 100)
+    short = train.forward_inputs(row, False, cfg, torch.float32, torch.device("cpu"))
+    assert short["attention_mask"] is None and short["input_ids"].shape == (6, 64)
+    assert int(short["position_ids"].max()) == 63 and float(short["weights"].sum()) == 256 - 6
+    long = train.forward_inputs(row | {"is_long": torch.tensor([True])}, True, cfg, torch.float32,
+                                torch.device("cpu"))
+    assert long["input_ids"].shape == (1, 256) and long["attention_mask"].shape == (1, 1, 256, 256)
+    flash = compose_config(["experiment=smoke", "tracking.enabled=false", "train.attn_implementation=flash_attention_2"])
+    packed = train.forward_inputs(row, False, flash, torch.float32, torch.device("cpu"))
+    assert packed["attention_mask"] is None and packed["input_ids"].shape == (1, 256)  # varlen reads the positions
+
+
 def test_every_process_runs_as_many_forward_passes_under_context_parallelism():
     rows = {k: torch.cat([v, v]) for k, v in _short_row([64, 64, 64, 64], 100).items()}
     rows["is_long"] = torch.tensor([False, True])

@@ -282,11 +282,14 @@ def forward_inputs(batch: dict[str, Tensor], is_long: bool, cfg: DictConfig, mas
                    device: torch.device) -> dict[str, Tensor | None]:
     separate = per_document(cfg, is_long)
     labels, weights = row_targets(batch, separate)
-    mask = None
+    ids, positions, mask = batch["input_ids"], batch["position_ids"], None
     if separate and str(cfg.train.attn_implementation) == "sdpa":
-        mask = mixed.document_causal_mask(batch["doc_ids"], mask_dtype).to(device)
+        if is_long:  # positions run on across documents: the exact L x L mask
+            mask = mixed.document_causal_mask(batch["doc_ids"], mask_dtype).to(device)
+        else:  # documents as rows of their own: the same numbers at a fraction of the attention
+            ids, positions, labels, weights = mixed.unpack_documents(batch["doc_ids"], ids, positions, labels, weights)
     # flash attention: no mask; transformers reads the documents from the restarting position_ids.
-    return {"input_ids": batch["input_ids"].to(device), "position_ids": batch["position_ids"].to(device),
+    return {"input_ids": ids.to(device), "position_ids": positions.to(device),
             "attention_mask": mask, "labels": labels.to(device), "weights": weights.to(device)}
 
 

@@ -36,6 +36,11 @@ SEARCHES = searches_for(METHODS)
 EVAL_SUITES = list(CFG.eval.suites)
 
 
+# Rule priority of the jobs that make models (pretrain, data, search, train): on a few cores they go
+# first and the single-core evaluations pair up at the end, so no core idles between fine-tunings.
+MODEL_PRIORITY = 1
+
+
 def stage_cmd(stage, processes=1, extra=""):
     """Shell command of a stage; output goes to the terminal and to the rule's log.
 
