@@ -23,6 +23,6 @@ rule all:
         rules.critical_dim.output,
         expand(rules.search.output, search=SEARCHES, seed=SEEDS),
         expand(rules.train.output, method=METHODS, seed=SEEDS),
-        expand(rules.evaluate_base.output, suite=EVAL_SUITES),
-        expand(rules.evaluate.output, variant=METHODS, suite=EVAL_SUITES, seed=SEEDS),
+        BASE_EVALUATIONS,
+        EVALUATIONS,
         rules.report.output,

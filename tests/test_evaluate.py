@@ -49,10 +49,13 @@ def evaluated(tmp_path_factory, toy_model_dir, books):
     eval_data.run(cfg)
     shutil.copytree(toy_model_dir, tmp_path / "out" / "seed0" / "train" / "tuned" / "model")
     results = {}
-    for variant, suites in (("base", ("ruler", "niah", "ppl", "longbench", "short")), ("tuned", ("niah", "short"))):
-        for suite in suites:
-            results[variant, suite] = evaluate.run(_cfg(tmp_path, toy_model_dir, books, *extra,
-                                                        f"eval.variant={variant}", f"eval.suite={suite}"))
+    for suite in ("ruler", "niah", "ppl", "longbench", "short"):  # a job per suite (eval.jobs = per_suite)
+        results["base", suite] = evaluate.run(_cfg(tmp_path, toy_model_dir, books, *extra, "eval.variant=base",
+                                                   f"eval.suite={suite}"))[suite]
+    # one job for two suites (eval.jobs = per_variant): the same folders and files as two jobs
+    both = evaluate.run(_cfg(tmp_path, toy_model_dir, books, *extra, "eval.variant=tuned", "eval.suite=[niah,short]"))
+    assert list(both) == ["niah", "short"]
+    results |= {("tuned", suite): result for suite, result in both.items()}
     mp.undo()
     return tmp_path / "out", results
 
@@ -108,16 +111,25 @@ def test_short_tasks_and_retention(evaluated):
 def test_longbench_without_a_folder_is_skipped_with_a_line(evaluated, tmp_path, toy_model_dir, books):
     out, _ = evaluated
     shutil.copytree(out / "eval_data", tmp_path / "out" / "eval_data")
-    result = evaluate.run(_cfg(tmp_path, toy_model_dir, books, "eval.variant=base", "eval.suite=longbench"))
+    cfg = _cfg(tmp_path, toy_model_dir, books, "eval.variant=base", "eval.suite=longbench")
+    result = evaluate.run(cfg)["longbench"]
     assert result["tasks"] == {} and "eval.longbench.path" in result["skipped"]
 
 
 def test_bad_input_fails_before_any_model_is_loaded(tmp_path, toy_model_dir, books):
-    with pytest.raises(ConfigError, match=r'eval.suite = "needle": accepted: null, ruler, niah, longbench, short, ppl'):
+    with pytest.raises(ConfigError, match=r'eval.suite = "needle": accepted: one of null, ruler, niah, longbench, '
+                                          r"short, ppl or a list of ruler, niah, longbench, short, ppl"):
         evaluate.run(_cfg(tmp_path, toy_model_dir, books, "eval.variant=base", "eval.suite=needle"))
-    with pytest.raises(ConfigError, match=r"^eval.suite = 'ppl'; accepted: one of eval.suites \(niah, short\)$"):
+    with pytest.raises(ConfigError, match=r"^eval.suite = 'ppl'; accepted: one of eval.suites \(niah, short\) or "
+                                          r"a list of them$"):
         evaluate.run(_cfg(tmp_path, toy_model_dir, books, "eval.variant=base", "eval.suite=ppl",
                           "eval.suites=[niah,short]"))
+    with pytest.raises(ConfigError, match=r"^eval.suite = \['niah', 'ppl'\]; accepted: one of eval.suites"):
+        evaluate.run(_cfg(tmp_path, toy_model_dir, books, "eval.variant=base", "eval.suite=[niah,ppl]",
+                          "eval.suites=[niah,short]"))
+    with pytest.raises(ConfigError, match=r'eval.jobs = "per_model": accepted: per_suite, per_variant'):
+        evaluate.run(_cfg(tmp_path, toy_model_dir, books, "eval.variant=base", "eval.suite=niah",
+                          "eval.jobs=per_model"))
     with pytest.raises(ConfigError, match=r"eval_data/eval_data.json is missing: run stage eval_data first"):
         evaluate.run(_cfg(tmp_path, toy_model_dir, books, "eval.variant=base", "eval.suite=niah"))
     (tmp_path / "out" / "eval_data").mkdir(parents=True)

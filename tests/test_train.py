@@ -330,7 +330,8 @@ def test_short_rows_run_as_their_documents_and_long_rows_keep_their_mask():
     long = train.forward_inputs(row | {"is_long": torch.tensor([True])}, True, cfg, torch.float32,
                                 torch.device("cpu"))
     assert long["input_ids"].shape == (1, 256) and long["attention_mask"].shape == (1, 1, 256, 256)
-    flash = compose_config(["experiment=smoke", "tracking.enabled=false", "train.attn_implementation=flash_attention_2"])
+    flash = compose_config(["experiment=smoke", "tracking.enabled=false",
+                            "train.attn_implementation=flash_attention_2"])
     packed = train.forward_inputs(row, False, flash, torch.float32, torch.device("cpu"))
     assert packed["attention_mask"] is None and packed["input_ids"].shape == (1, 256)  # varlen reads the positions
 

@@ -32,11 +32,12 @@ def planned_rules(stdout: str) -> set[str]:
 
 # Jobs per rule in a dry-run: per seed one search per searched method, one fine-tuning per method and
 # one evaluation per (method, suite); the base model's evaluations once.
+# The toys run a model's suites in one job (eval.jobs = per_variant); the paper presets a job per suite.
 PLANNED_JOBS = {
-    "toy": {"needle_data": 1, "search": 2, "train": 6, "evaluate": 6 * 3, "evaluate_base": 3},
-    "toy_ablations": {"search": 3, "train": 8, "evaluate": 8 * 3, "evaluate_base": 3},
-    "toy_seeds": {"needle_data": 3, "train_data": 3, "search": 3 * 2, "train": 3 * 6, "evaluate": 3 * 6 * 3,
-                  "evaluate_base": 3, "pretrain": 1, "eval_data": 1},
+    "toy": {"needle_data": 1, "search": 2, "train": 6, "evaluate": 6, "evaluate_base": 1},
+    "toy_ablations": {"search": 3, "train": 8, "evaluate": 8, "evaluate_base": 1},
+    "toy_seeds": {"needle_data": 3, "train_data": 3, "search": 3 * 2, "train": 3 * 6, "evaluate": 3 * 6,
+                  "evaluate_base": 1, "pretrain": 1, "eval_data": 1},
     "smoke": {"search": 1, "train": 2, "evaluate": 2 * 1, "evaluate_base": 1},
     "llama3_8b_128k": {"search": 2, "train": 6, "evaluate": 6 * 5, "evaluate_base": 5},
     "phi3_mini_128k": {"search": 2, "train": 6, "evaluate": 6 * 5, "evaluate_base": 5},

@@ -115,7 +115,9 @@ def _accepted(err: jsonschema.ValidationError) -> str:
 
 def _describe_schema(schema: Mapping[str, Any]) -> str:
     if "enum" in schema:
-        return "one of " + ", ".join(map(str, schema["enum"]))
+        return "one of " + ", ".join(json.dumps(v) if not isinstance(v, str) else v for v in schema["enum"])
+    if schema.get("type") == "array" and "enum" in schema.get("items", {}):
+        return "a list of " + ", ".join(map(str, schema["items"]["enum"]))
     if "const" in schema:
         return json.dumps(schema["const"])
     parts = [str(schema.get("type", "value"))]

@@ -1,4 +1,5 @@
-"""Stage `evaluate`: one evaluation suite on one model variant (spec §6).
+"""Stage `evaluate`: evaluation suites on one model variant (spec §6); eval.suite is one suite (a job
+per suite, eval.jobs = per_suite) or a list run in turn in one process (eval.jobs = per_variant).
 
 In:  the variant's model, loaded as a user loads it (transformers, no custom code):
      `base` = model.path with its original RoPE; any other variant = <out_dir>/seed<k>/train/<variant>/model
@@ -15,6 +16,7 @@ Out: <out_dir>/eval/base/<suite>/ or <out_dir>/seed<k>/eval/<variant>/<suite>/: 
        short average and, for fine-tuned variants, retention = average / the base's average.
 
     python -m longrope2.evaluate experiment=toy eval.variant=longrope2 eval.suite=niah
+    python -m longrope2.evaluate experiment=toy eval.variant=longrope2 'eval.suite=[niah,short,ppl]'
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import torch  # noqa: E402
 import yaml  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from longrope2 import long_eval, longbench, ruler, tables  # noqa: E402
 from longrope2.config import ConfigError, hydra_stage, run_dir  # noqa: E402
@@ -60,21 +62,25 @@ def model_dir(cfg: DictConfig, variant: str) -> str:
     return str(path)
 
 
-def check_config(cfg: DictConfig) -> tuple[str, str]:
+def check_config(cfg: DictConfig) -> tuple[str, list[str]]:
+    """The variant and its suites (eval.suite: one name, or a list under eval.jobs = per_variant)."""
     e = cfg.eval
-    if e.suite not in e.suites:
-        raise ConfigError(f"eval.suite = {e.suite!r}; accepted: one of eval.suites ({', '.join(e.suites)})")
+    suites = [str(x) for x in e.suite] if OmegaConf.is_list(e.suite) else [e.suite]
+    if not suites or any(x not in e.suites for x in suites):
+        shown = list(suites) if OmegaConf.is_list(e.suite) else e.suite
+        raise ConfigError(f"eval.suite = {shown!r}; accepted: one of eval.suites ({', '.join(e.suites)}) "
+                          "or a list of them")
     if not e.variant:
         raise ConfigError(f"eval.variant = {e.variant!r}; accepted: {BASE} or a fine-tuned variant's name")
     data = Path(cfg.out_dir) / "eval_data" / "eval_data.json"
     if not data.is_file():
         raise ConfigError(f"{data} is missing: run stage eval_data first (snakemake does)")
-    if e.suite == "longbench" and e.longbench.path is not None:
+    if "longbench" in suites and e.longbench.path is not None:
         try:
             longbench.check_folder(e.longbench.path, list(e.longbench.tasks))
         except longbench.BenchmarkDataError as err:
             raise ConfigError(f"eval.longbench.path: {err}") from None
-    return str(e.variant), str(e.suite)
+    return str(e.variant), [str(x) for x in suites]
 
 
 def load_model(path: str, dtype: str) -> tuple[Any, Any]:
@@ -279,25 +285,30 @@ def headline(suite: str, result: dict[str, Any]) -> dict[str, float]:
     return metrics
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    variant, suite = check_config(cfg)
+def run(cfg: DictConfig) -> dict[str, dict[str, Any]]:
+    """Every suite of eval.suite on the variant, in turn: one model load, per suite its own output
+    folder (complete or absent) and MLflow run."""
+    variant, suites = check_config(cfg)
     path = model_dir(cfg, variant)
     data = Path(cfg.out_dir) / "eval_data"
-    out = eval_dir(cfg, variant, suite)
     _quiet_lm_eval()
-    # The experiment's seed (not run_seed) draws the test data: every replicate is scored on the same samples.
-    tracked = stage_run(cfg, f"evaluate-{variant}-{suite}", per_seed=variant != BASE)
-    with tracked as tracker, torch_threads(cfg.eval.num_threads):
-        tracker.set_tags({"variant": variant, "suite": suite, "model": path})
+    results: dict[str, dict[str, Any]] = {}
+    with torch_threads(cfg.eval.num_threads):
         model, tokenizer = load_model(path, str(cfg.model.dtype))
-        with atomic_dir(out) as scratch:
-            result = SUITES[suite](cfg, model, tokenizer, data, scratch)
-            result = {"variant": variant, "suite": suite, "model": path, **result}
-            write_json(scratch / f"{suite}.json", result)
-        tracker.log_metrics(headline(suite, result))
-        tracker.log_artifact(out, f"eval/{variant}/{suite}")
-    print(f"evaluate {variant}/{suite}: {json.dumps(headline(suite, result))}")
-    return result
+        for suite in suites:
+            out = eval_dir(cfg, variant, suite)
+            # The experiment's seed (not run_seed) draws the test data: every replicate is scored on the same samples.
+            with stage_run(cfg, f"evaluate-{variant}-{suite}", per_seed=variant != BASE) as tracker:
+                tracker.set_tags({"variant": variant, "suite": suite, "model": path})
+                with atomic_dir(out) as scratch:
+                    result = SUITES[suite](cfg, model, tokenizer, data, scratch)
+                    result = {"variant": variant, "suite": suite, "model": path, **result}
+                    write_json(scratch / f"{suite}.json", result)
+                tracker.log_metrics(headline(suite, result))
+                tracker.log_artifact(out, f"eval/{variant}/{suite}")
+            print(f"evaluate {variant}/{suite}: {json.dumps(headline(suite, result))}")
+            results[suite] = result
+    return results
 
 
 main = hydra_stage(run)

@@ -1,6 +1,11 @@
-# Stages `eval_data` (every suite's data, once per tokenizer) and `evaluate` (one suite on one model):
-# RULER, needle in a haystack, LongBench/InfiniteBench, short tasks, perplexity. The base model is
-# evaluated once (evaluate_base); each fine-tuned method once per seed, on the same data.
+# Stages `eval_data` (every suite's data, once per tokenizer) and `evaluate` (one suite on one model, or
+# all of them under eval.jobs = per_variant): RULER, needle in a haystack, LongBench/InfiniteBench, short
+# tasks, perplexity. The base model is evaluated once (evaluate_base); each fine-tuned method once per
+# seed, on the same data.
+
+
+def suites_arg(wildcards):
+    return "[" + ",".join(job_suites(wildcards)) + "]"
 
 
 rule eval_data:
@@ -26,27 +31,28 @@ rule evaluate_base:
         data=rules.eval_data.output[0],
         model=rules.pretrain.output.model if PRETRAIN else [],
     output:
-        # <suite>.json and the suite's table / figure
-        directory(f"{OUT}/eval/{BASE_VARIANT}/{{suite}}"),
+        # per suite: <suite>.json and the suite's table / figure
+        suite_outputs(f"{OUT}/eval/{BASE_VARIANT}"),
     log:
-        f"{OUT}/logs/evaluate-{BASE_VARIANT}-{{suite}}.log",
+        f"{OUT}/logs/evaluate-{BASE_VARIANT}{SUITE_LOG}.log",
     wildcard_constraints:
         suite="|".join(EVAL_SUITES) or "none",
     params:
         cfg=stage_params("eval", "model", "target_len", "seed"),
+        suites=suites_arg,
     threads: CFG.resources.evaluate.cpus
     resources:
         **rule_resources("evaluate"),
     shell:
-        stage_cmd("evaluate", extra=f"eval.variant={BASE_VARIANT} eval.suite={{wildcards.suite}}")
+        stage_cmd("evaluate", extra=f"eval.variant={BASE_VARIANT} 'eval.suite={{params.suites}}'")
 
 
 def evaluate_inputs(wildcards):
     """The method's fine-tuned model, the suite data and, for the short tasks, the base's result (retention)."""
     inputs = {"data": rules.eval_data.output[0],
               "model": expand(rules.train.output[0], method=wildcards.variant, seed=wildcards.seed)}
-    if wildcards.suite == "short":
-        inputs["base_short"] = expand(rules.evaluate_base.output[0], suite="short")
+    if "short" in job_suites(wildcards):
+        inputs["base_short"] = f"{OUT}/eval/{BASE_VARIANT}/short"
     return inputs
 
 
@@ -54,20 +60,21 @@ rule evaluate:
     input:
         unpack(evaluate_inputs),
     output:
-        directory(f"{SEED_OUT}/eval/{{variant}}/{{suite}}"),
+        suite_outputs(f"{SEED_OUT}/eval/{{variant}}"),
     log:
-        f"{SEED_LOGS}/evaluate-{{variant}}-{{suite}}.log",
+        f"{SEED_LOGS}/evaluate-{{variant}}{SUITE_LOG}.log",
     wildcard_constraints:
         variant="|".join(METHODS),
         suite="|".join(EVAL_SUITES) or "none",
         seed=seed_constraint(),
     params:
         cfg=stage_params("eval", "model", "target_len", "seed"),
+        suites=suites_arg,
     threads: CFG.resources.evaluate.cpus
     resources:
         **rule_resources("evaluate"),
     shell:
         stage_cmd(
             "evaluate",
-            extra="eval.variant={wildcards.variant} eval.suite={wildcards.suite} run_seed={wildcards.seed}",
+            extra="eval.variant={wildcards.variant} 'eval.suite={params.suites}' run_seed={wildcards.seed}",
         )

@@ -3,8 +3,8 @@
 
 rule report:
     input:
-        base_evaluations=expand(rules.evaluate_base.output, suite=EVAL_SUITES),
-        evaluations=expand(rules.evaluate.output, variant=METHODS, suite=EVAL_SUITES, seed=SEEDS),
+        base_evaluations=BASE_EVALUATIONS,
+        evaluations=EVALUATIONS,
         train=expand(rules.train.output, method=METHODS, seed=SEEDS),
         search=expand(rules.search.output.factors, search=SEARCHES, seed=SEEDS),
         critical_dim=rules.critical_dim.output,
