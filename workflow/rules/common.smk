@@ -55,9 +55,10 @@ def job_suites(wildcards):
 SUITE_LOG = "-{suite}" if PER_SUITE else ""
 
 
-# Rule priority of the jobs that make models (pretrain, data, search, train): on a few cores they go
-# first and the single-core evaluations pair up at the end, so no core idles between fine-tunings.
-MODEL_PRIORITY = 1
+# Rule priority of the jobs the rest waits on (pretrain, data, search, train, the base's evaluations):
+# on a few cores they go first and the fine-tuned models' evaluations pair up at the end, so no core
+# idles between fine-tunings or waits for the base's short-task result (retention) at the end.
+EARLY_PRIORITY = 1
 
 
 def stage_cmd(stage, processes=1, extra=""):

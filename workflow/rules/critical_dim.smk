@@ -15,7 +15,7 @@ rule critical_dim:
         f"{OUT}/logs/critical_dim.log",
     params:
         cfg=stage_params("model", "target_len"),
-    priority: MODEL_PRIORITY
+    priority: EARLY_PRIORITY
     threads: CFG.resources.critical_dim.cpus
     resources:
         **rule_resources("critical_dim"),

@@ -19,6 +19,7 @@ rule eval_data:
     params:
         cfg=stage_params("eval.ruler", "eval.short", "eval.suites", "data.corpus", "data.needle",
                          "data.search_set.books", "model.path", "seed"),
+    priority: EARLY_PRIORITY
     threads: CFG.resources.eval_data.cpus
     resources:
         **rule_resources("eval_data"),
@@ -40,6 +41,7 @@ rule evaluate_base:
     params:
         cfg=stage_params("eval", "model", "target_len", "seed"),
         suites=suites_arg,
+    priority: EARLY_PRIORITY
     threads: CFG.resources.evaluate.cpus
     resources:
         **rule_resources("evaluate"),

@@ -18,7 +18,7 @@ rule needle_data:
         seed=seed_constraint(),
     params:
         cfg=stage_params("model", "data.corpus", "data.needle", "data.search_set", "target_len", "seed"),
-    priority: MODEL_PRIORITY
+    priority: EARLY_PRIORITY
     threads: CFG.resources.needle_data.cpus
     resources:
         **rule_resources("needle_data"),

@@ -13,7 +13,7 @@ if PRETRAIN:
             f"{OUT}/logs/pretrain.log",
         params:
             cfg=stage_params("model", "data.corpus", "data.needle.number_digits", "seed"),
-        priority: MODEL_PRIORITY
+        priority: EARLY_PRIORITY
         threads: CFG.resources.pretrain.cpus
         resources:
             **rule_resources("pretrain"),

@@ -31,7 +31,7 @@ rule search:
         seed=seed_constraint(),
     params:
         cfg=stage_params("model", "search", "target_len", "seed"),
-    priority: MODEL_PRIORITY
+    priority: EARLY_PRIORITY
     threads: CFG.resources.search.cpus
     resources:
         **rule_resources("search"),

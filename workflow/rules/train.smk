@@ -29,7 +29,7 @@ rule train:
         seed=seed_constraint(),
     params:
         cfg=stage_params("model", "train", "target_len", "seed"),
-    priority: MODEL_PRIORITY
+    priority: EARLY_PRIORITY
     threads: CFG.resources.train.cpus
     resources:
         **rule_resources("train"),

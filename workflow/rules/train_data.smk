@@ -14,7 +14,7 @@ rule train_data:
         cfg=stage_params(
             "model", "data.corpus", "data.needle", "data.train_set", "train.length_mix", "target_len", "seed"
         ),
-    priority: MODEL_PRIORITY
+    priority: EARLY_PRIORITY
     threads: CFG.resources.train_data.cpus
     resources:
         **rule_resources("train_data"),
