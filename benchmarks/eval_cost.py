@@ -1,12 +1,14 @@
 """Wall time of the full evaluation of one model variant: every suite of `eval.suites`, one after the
-other, as `snakemake --cores 1` would run them (each a fresh `python -m longrope2.evaluate`).
+other, as `snakemake --cores 1` would run them under eval.jobs = per_suite (each a fresh
+`python -m longrope2.evaluate`), then all of them in one process (eval.jobs = per_variant).
 
 Needs the outputs of a finished run (eval_data and the variant's model), e.g. after `make run`:
 
     python benchmarks/eval_cost.py --variant longrope2            # the toy
     python benchmarks/eval_cost.py --variant base -- experiment=toy eval.batch_size=4
 
-Prints one line per suite and the total; the suites' outputs are rewritten in place.
+Prints one line per suite, the total, and the one-process total; the suites' outputs are rewritten
+in place.
 """
 
 from __future__ import annotations
@@ -35,7 +37,16 @@ def main() -> None:
         if proc.returncode:
             sys.exit(f"{suite} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
         print(f"{suite:10s} {times[suite]:6.1f} s   {proc.stdout.strip().splitlines()[-1][:150]}", flush=True)
-    print(f"{'total':10s} {sum(times.values()):6.1f} s   ({cfg.experiment_name}, variant {args.variant})")
+    print(f"{'total':10s} {sum(times.values()):6.1f} s   ({cfg.experiment_name}, variant {args.variant}, "
+          "a process per suite)")
+    suites = "[" + ",".join(cfg.eval.suites) + "]"
+    cmd = [sys.executable, "-m", "longrope2.evaluate", *args.overrides, "tracking.enabled=false",
+           f"eval.variant={args.variant}", f"eval.suite={suites}"]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"{suites} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    print(f"{'one job':10s} {time.perf_counter() - start:6.1f} s   (eval.suite={suites}: one process, one model load)")
 
 
 if __name__ == "__main__":
