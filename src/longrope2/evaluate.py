@@ -80,7 +80,7 @@ def check_config(cfg: DictConfig) -> tuple[str, list[str]]:
             longbench.check_folder(e.longbench.path, list(e.longbench.tasks))
         except longbench.BenchmarkDataError as err:
             raise ConfigError(f"eval.longbench.path: {err}") from None
-    return str(e.variant), [str(x) for x in suites]
+    return str(e.variant), suites
 
 
 def load_model(path: str, dtype: str) -> tuple[Any, Any]:

@@ -76,9 +76,9 @@ def unpack_documents(doc_ids: Tensor, input_ids: Tensor, position_ids: Tensor, l
     Under plain causal attention a document's tokens never see the padding that follows them, so
     a forward pass over these rows gives exactly what the packed rows give under
     :func:`document_causal_mask`, at D x n^2 attention instead of B x L^2 (flash-attention's
-    varlen trick, for SDPA). Padding: token 0, positions continuing the document's, label -100,
-    weight 0, positions n … n_max - 1 after a document of n tokens (positions 0 … n - 1). So no
-    position reaches n_max <= L_train and a short row's documents keep the short factors.
+    varlen trick, for SDPA). Padding: token 0, label -100, weight 0, and positions n … n_max - 1
+    after a document of n tokens (positions 0 … n - 1), so no position reaches n_max <= L_train
+    and a short row's documents keep the short factors.
     """
     if doc_ids.ndim != 2:
         raise ValueError(f"doc_ids must be (batch, length), got shape {tuple(doc_ids.shape)}")
