@@ -32,27 +32,10 @@ PRETRAIN = bool(CFG.model.pretrain.enabled)
 # their factors (critical dim) from a search run (wildcard {search}), e.g. longrope -> search/longrope.
 METHODS = list(CFG.methods)
 SEARCHES = searches_for(METHODS)
-# Evaluated: the original model (BASE_VARIANT, rule evaluate_base) and every fine-tuned method, per suite;
-# eval.jobs: a job per suite (wildcard {suite}) or one job per model for all its suites (per_variant).
+# Evaluated: the original model (BASE_VARIANT, rule evaluate_base) and every fine-tuned method, per suite.
 EVAL_SUITES = list(CFG.eval.suites)
-PER_SUITE = CFG.eval.jobs == "per_suite"
 BASE_EVALUATIONS = [f"{OUT}/eval/{BASE_VARIANT}/{suite}" for suite in EVAL_SUITES]
 EVALUATIONS = expand(f"{SEED_OUT}/eval/{{variant}}/{{suite}}", variant=METHODS, suite=EVAL_SUITES, seed=SEEDS)
-
-
-def suite_outputs(folder):
-    """An evaluate job's output folders in ``folder``: its {suite}, or every suite (per_variant)."""
-    if PER_SUITE:
-        return [directory(f"{folder}/{{suite}}")]
-    return [directory(f"{folder}/{suite}") for suite in EVAL_SUITES]
-
-
-def job_suites(wildcards):
-    """The suites an evaluate job runs."""
-    return [wildcards.suite] if PER_SUITE else EVAL_SUITES
-
-
-SUITE_LOG = "-{suite}" if PER_SUITE else ""
 
 
 # Rule priority of the jobs the rest waits on (pretrain, data, search, train, the base's evaluations):

@@ -3,6 +3,22 @@
 # tasks, perplexity. The base model is evaluated once (evaluate_base); each fine-tuned method once per
 # seed, on the same data.
 
+# eval.jobs: a job per suite (wildcard {suite}) or one job per model for all its suites (per_variant).
+PER_SUITE = CFG.eval.jobs == "per_suite"
+SUITE_LOG = "-{suite}" if PER_SUITE else ""
+
+
+def suite_outputs(folder):
+    """An evaluate job's output folders in ``folder``: its {suite}, or every suite (per_variant)."""
+    if PER_SUITE:
+        return [directory(f"{folder}/{{suite}}")]
+    return [directory(f"{folder}/{suite}") for suite in EVAL_SUITES]
+
+
+def job_suites(wildcards):
+    """The suites an evaluate job runs."""
+    return [wildcards.suite] if PER_SUITE else EVAL_SUITES
+
 
 def suites_arg(wildcards):
     return "[" + ",".join(job_suites(wildcards)) + "]"
