@@ -21,6 +21,18 @@ import time
 from longrope2.config import compose_config
 
 
+def timed_evaluate(overrides: list[str], variant: str, suite: str) -> tuple[float, str]:
+    """Wall seconds of one `python -m longrope2.evaluate` job and its last printed line."""
+    cmd = [sys.executable, "-m", "longrope2.evaluate", *overrides, "tracking.enabled=false",
+           f"eval.variant={variant}", f"eval.suite={suite}"]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode:
+        sys.exit(f"{suite} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    return seconds, proc.stdout.strip().splitlines()[-1][:150]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", default="longrope2")
@@ -29,24 +41,13 @@ def main() -> None:
     cfg = compose_config(args.overrides)
     times = {}
     for suite in cfg.eval.suites:
-        cmd = [sys.executable, "-m", "longrope2.evaluate", *args.overrides, "tracking.enabled=false",
-               f"eval.variant={args.variant}", f"eval.suite={suite}"]
-        start = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        times[suite] = time.perf_counter() - start
-        if proc.returncode:
-            sys.exit(f"{suite} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
-        print(f"{suite:10s} {times[suite]:6.1f} s   {proc.stdout.strip().splitlines()[-1][:150]}", flush=True)
+        times[suite], last_line = timed_evaluate(args.overrides, args.variant, suite)
+        print(f"{suite:10s} {times[suite]:6.1f} s   {last_line}", flush=True)
     print(f"{'total':10s} {sum(times.values()):6.1f} s   ({cfg.experiment_name}, variant {args.variant}, "
           "a process per suite)")
     suites = "[" + ",".join(cfg.eval.suites) + "]"
-    cmd = [sys.executable, "-m", "longrope2.evaluate", *args.overrides, "tracking.enabled=false",
-           f"eval.variant={args.variant}", f"eval.suite={suites}"]
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode:
-        sys.exit(f"{suites} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
-    print(f"{'one job':10s} {time.perf_counter() - start:6.1f} s   (eval.suite={suites}: one process, one model load)")
+    seconds, _ = timed_evaluate(args.overrides, args.variant, suites)
+    print(f"{'one job':10s} {seconds:6.1f} s   (eval.suite={suites}: one process, one model load)")
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ def check_config(cfg: DictConfig) -> tuple[str, list[str]]:
     e = cfg.eval
     suites = [str(x) for x in e.suite] if OmegaConf.is_list(e.suite) else [e.suite]
     if not suites or any(x not in e.suites for x in suites):
-        shown = list(suites) if OmegaConf.is_list(e.suite) else e.suite
+        shown = suites if OmegaConf.is_list(e.suite) else e.suite
         raise ConfigError(f"eval.suite = {shown!r}; accepted: one of eval.suites ({', '.join(e.suites)}) "
                           "or a list of them")
     if not e.variant:

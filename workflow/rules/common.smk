@@ -34,8 +34,6 @@ METHODS = list(CFG.methods)
 SEARCHES = searches_for(METHODS)
 # Evaluated: the original model (BASE_VARIANT, rule evaluate_base) and every fine-tuned method, per suite.
 EVAL_SUITES = list(CFG.eval.suites)
-BASE_EVALUATIONS = [f"{OUT}/eval/{BASE_VARIANT}/{suite}" for suite in EVAL_SUITES]
-EVALUATIONS = expand(f"{SEED_OUT}/eval/{{variant}}/{{suite}}", variant=METHODS, suite=EVAL_SUITES, seed=SEEDS)
 
 
 # Rule priority of the jobs the rest waits on (pretrain, data, search, train, the base's evaluations):

@@ -24,6 +24,13 @@ def suites_arg(wildcards):
     return "[" + ",".join(job_suites(wildcards)) + "]"
 
 
+# The evaluations' folders: <suite>/ under these, per job or all at once (the targets of `all` and `report`).
+BASE_EVAL_DIR = f"{OUT}/eval/{BASE_VARIANT}"
+VARIANT_EVAL_DIR = f"{SEED_OUT}/eval/{{variant}}"
+BASE_EVALUATIONS = [f"{BASE_EVAL_DIR}/{suite}" for suite in EVAL_SUITES]
+EVALUATIONS = expand(f"{VARIANT_EVAL_DIR}/{{suite}}", variant=METHODS, suite=EVAL_SUITES, seed=SEEDS)
+
+
 rule eval_data:
     input:
         model=rules.pretrain.output.model if PRETRAIN else [],
@@ -49,7 +56,7 @@ rule evaluate_base:
         model=rules.pretrain.output.model if PRETRAIN else [],
     output:
         # per suite: <suite>.json and the suite's table / figure
-        suite_outputs(f"{OUT}/eval/{BASE_VARIANT}"),
+        suite_outputs(BASE_EVAL_DIR),
     log:
         f"{OUT}/logs/evaluate-{BASE_VARIANT}{SUITE_LOG}.log",
     wildcard_constraints:
@@ -70,7 +77,7 @@ def evaluate_inputs(wildcards):
     inputs = {"data": rules.eval_data.output[0],
               "model": expand(rules.train.output[0], method=wildcards.variant, seed=wildcards.seed)}
     if "short" in job_suites(wildcards):
-        inputs["base_short"] = f"{OUT}/eval/{BASE_VARIANT}/short"
+        inputs["base_short"] = f"{BASE_EVAL_DIR}/short"
     return inputs
 
 
@@ -78,7 +85,7 @@ rule evaluate:
     input:
         unpack(evaluate_inputs),
     output:
-        suite_outputs(f"{SEED_OUT}/eval/{{variant}}"),
+        suite_outputs(VARIANT_EVAL_DIR),
     log:
         f"{SEED_LOGS}/evaluate-{{variant}}{SUITE_LOG}.log",
     wildcard_constraints:
