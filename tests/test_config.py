@@ -85,6 +85,15 @@ def test_interpolations_follow_overrides():
         (["seeds=[0,0]"], "seeds = [0, 0]: accepted: a list without repeated items"),
         (["seeds=[0,1]", "run_seed=2"], "run_seed = 2: accepted: null or one of seeds = [0, 1]"),
         (["model=nope"], "model='nope' is not a known model; accepted: llama3_8b, phi3_mini, phi4_mini, toy"),
+        (["search=nope"], "search='nope' is not a known search; accepted: paper, reference"),
+        (["search.preset=reference"],
+         "search.preset='reference': the preset is the config group `search`; select it with search=reference "
+         "(accepted: paper, reference)"),
+        (["search.operators=swap"], 'search.operators = "swap": accepted: plateau, neighbours'),
+        (["search.initial=grid"], 'search.initial = "grid": accepted: alg1, staircase'),
+        (["search.crossover_base=best"], 'search.crossover_base = "best": accepted: random, better'),
+        (["search.initial_population=4"], "search.initial_population = 4: accepted: null or >= search.parents = 16"),
+        (["search.c_range=[30,24]"], "search.c_range = [30, 24]: accepted: null or [lo, hi] with lo <= hi"),
     ],
 )
 def test_bad_values_are_rejected_with_key_value_and_accepted(overrides, message):
@@ -129,3 +138,21 @@ def test_flatten_and_to_dict_drop_hydra():
     flat = flatten(data)
     assert flat["model.arch.hidden_size"] == 128
     assert flat["search.population"] == 32
+
+
+def test_search_presets_are_the_paper_and_the_reference_code():
+    paper = compose_config(["experiment=llama3_8b_128k", "model.path=/m"]).search
+    assert (paper.preset, paper.population, paper.initial_population, paper.iterations) == ("paper", 64, None, 40)
+    assert (paper.parents, paper.mutants, paper.crossovers, paper.initial) == (32, 16, 16, "alg1")
+    assert (paper.monotone, paper.critical_dim_mode, paper.c_range, paper.last_step_max) == \
+        ("non_decreasing", "population", None, None)
+    assert (paper.operators, paper.crossover_base) == ("plateau", "random")
+    ref = compose_config(["experiment=llama3_8b_128k", "model.path=/m", "search=reference"]).search
+    assert (ref.preset, ref.population, ref.initial_population, ref.iterations) == ("reference", 64, 128, 60)
+    assert (ref.parents, ref.mutants, ref.crossovers, ref.initial) == (32, 16, 16, "staircase")
+    assert (ref.monotone, ref.critical_dim_mode, ref.c_range, ref.last_step_max) == \
+        ("strictly_increasing", "per_c", None, 4.0)
+    assert (ref.crossover_base, ref.crossover_tries, ref.operators) == ("better", 20, "plateau")
+    # the experiment's own numbers still win over the preset's (the toy's budget)
+    toy = compose_config(["search=reference"]).search
+    assert (toy.preset, toy.population, toy.iterations, toy.monotone) == ("reference", 32, 8, "strictly_increasing")

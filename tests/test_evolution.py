@@ -1,5 +1,7 @@
 """GA operators of the factor search (spec §4): every operator keeps the search-space invariants."""
 
+import dataclasses
+import hashlib
 import json
 import math
 
@@ -18,6 +20,7 @@ from longrope2.evolution import (
     is_valid,
     make_individual,
     mutate,
+    mutation_window,
     next_generation,
     to_dict,
     violations,
@@ -33,7 +36,10 @@ SPACES = {
     "last_step4": SearchSpace(64, 16.0, 35, (24, 35), strict=True, last_step_max=4),
     "attention": SearchSpace(16, 8.0, 6, (2, 6), attention_range=(1.0, 1.5)),
     "fixed_c": SearchSpace(16, 8.0, 6, (4, 4)),
+    "literal": SearchSpace(16, 8.0, 6, (2, 6), operators="neighbours"),
+    "literal_strict": SearchSpace(16, 8.0, 6, (2, 6), strict=True, last_step_max=0.5, operators="neighbours"),
 }
+LLAMA3 = SPACES["llama3"]
 SEEDS = [0, 1, 2]
 
 
@@ -180,7 +186,8 @@ def test_mutate_respects_last_step_max_from_both_sides():
 
 @pytest.mark.parametrize("name", SPACES)
 def test_crossover_prob_zero_returns_p1_and_prob_one_takes_p2(name):
-    space = SPACES[name]
+    # the literal rule copies p2's values; plateau then pushes them into order (next tests)
+    space = dataclasses.replace(SPACES[name], operators="neighbours")
     rng = np.random.default_rng(0)
     pop = initial_population(space, 12, rng)
     for p1, p2 in [(pop[0], pop[-1]), (pop[-1], pop[0]), (pop[3], pop[7])]:
@@ -331,8 +338,8 @@ def test_next_generation_gives_up_and_leaves_seen_untouched():
 
 
 def test_crossover_falls_back_to_a_mutant_when_parents_cannot_cross():
-    # two flat tails at different levels, strict: almost every swap breaks monotonicity
-    space = SPACES["strict"]
+    # the literal rule, two staircases at different levels, strict: almost every swap breaks monotonicity
+    space = dataclasses.replace(SPACES["strict"], operators="neighbours")
     p1 = make_individual(space, 2, [8.0 + 0.1 * j for j in range(14)])
     p2 = make_individual(space, 2, [14.0 + 0.1 * j for j in range(14)])
     _parents, children = next_generation([(p1, 1.0), (p2, 2.0)], space, parents=2, mutants=0, crossovers=4,
@@ -489,3 +496,186 @@ def test_crossover_parents_are_distinct_and_cover_all_pairs(monkeypatch):
     used = {(index[a], index[b]) for a, b in pairs}
     assert all(a != b for a, b in used)
     assert used == {(a, b) for a in range(3) for b in range(3) if a != b}
+
+
+# ---- the plateau operators: every searched dim moves, crossovers are repaired (issue: flat tails pin) ----
+
+def flat(space: SearchSpace, c: int, level: float) -> Individual:
+    return make_individual(space, c, [level] * (space.n_pairs - c))
+
+
+@pytest.mark.parametrize("space", [LLAMA3, SPACES["all_dims"], SPACES["last_step4"]], ids=["llama3", "all_dims",
+                                                                                         "last_step4"])
+def test_plateau_window_of_a_flat_or_tight_tail_spans_the_bounds(space):
+    # a flat tail (strict: a staircase of one grid step, "flat" in u = k - j): every dim may go anywhere
+    c, n = space.c_range[0], space.n_pairs - space.c_range[0]
+    step = 0.01 if space.strict else 0.0
+    ind = make_individual(space, c, [20.0 + step * j for j in range(n)]) if not space.all_dims else \
+        make_individual(space, c, factors=[8.0 + step * j for j in range(space.n_pairs)])
+    assert is_valid(ind, space), violations(ind, space)
+    dims = list(space._searched(c))
+    for j, i in enumerate(dims):
+        lo = 1.0 if space.all_dims and i < space.d_tcd else space.s
+        # strict: the tail must still fit above (below) the dim, one grid step per dim
+        expected = (round(max(lo, space.s if i >= space.d_tcd else lo) + (step * j if space.strict else 0), 2),
+                    round(2 * space.s - step * (len(dims) - 1 - j), 2))
+        if space.all_dims:
+            expected = (lo, 2 * space.s)
+        assert mutation_window(ind, space, j) == pytest.approx(expected), (i, mutation_window(ind, space, j))
+
+
+def test_plateau_window_between_distinct_neighbours_is_the_papers():
+    ind = make_individual(LLAMA3, 30, [17.0 + 0.4 * j for j in range(34)])
+    for j in range(1, 33):
+        assert mutation_window(ind, LLAMA3, j) == pytest.approx((17.0 + 0.4 * (j - 1), 17.0 + 0.4 * (j + 1)))
+    assert mutation_window(ind, LLAMA3, 0) == pytest.approx((16.0, 17.4))  # λ_c: only the floor s below
+    assert mutation_window(ind, LLAMA3, 33) == pytest.approx((29.8, 32.0))  # the last: up to 2s
+
+
+def test_plateau_mutation_moves_every_dim_of_a_flat_seed_to_both_bounds():
+    # LLaMA3-8B's space, flat c = 30 tail at 20: within 200 mutants every searched dim has moved (λ_c to both
+    # sides of the level), and the moves reach both bounds [s, 2s] to within 3 %
+    seed = flat(LLAMA3, 30, 20.0)
+    rng = np.random.default_rng(0)
+    mutants = [mutate(seed, LLAMA3, 0.3, rng) for _ in range(200)]
+    tails = np.array([m.factors[30:] for m in mutants])
+    for m in mutants:
+        assert_member(m, LLAMA3)
+    assert np.all(np.any(tails != 20.0, axis=0))
+    assert tails[:, 0].min() < 20.0 < tails[:, 0].max() and tails[:, -1].max() > 20.0
+    assert tails.min() <= 16.0 + 0.03 * 16 and tails.max() >= 32.0 - 0.03 * 16
+    # chained mutations from the seed reach the bounds exactly at both ends
+    lows, highs = set(), set()
+    ind = seed
+    for _ in range(3000):
+        ind = mutate(ind, LLAMA3, 0.3, rng)
+        lows.add(min(ind.factors[30:]))
+        highs.add(max(ind.factors[30:]))
+    assert 16.0 in lows and 32.0 in highs
+
+
+def test_the_literal_rule_pins_the_inner_dims_of_a_flat_tail():
+    # the bug the plateau rule fixes, measured: in 2 000 mutants of a flat tail only dims next to its ends
+    # move (a moved end opens its neighbour's window within the same mutation); most inner dims never do
+    space = dataclasses.replace(LLAMA3, operators="neighbours")
+    seed = flat(space, 30, 20.0)
+    rng = np.random.default_rng(0)
+    tails = np.array([mutate(seed, space, 0.3, rng).factors[30:] for _ in range(2000)])
+    moved = np.flatnonzero(np.any(tails != 20.0, axis=0))
+    assert 0 in moved and 33 in moved and len(moved) <= 10  # measured: 8 of 34
+
+
+def test_plateau_mutation_moves_every_dim_of_a_tight_strict_staircase():
+    space = SPACES["last_step4"]
+    seed = make_individual(space, 30, [20.0 + 0.01 * j for j in range(34)])
+    rng = np.random.default_rng(1)
+    mutants = [mutate(seed, space, 0.3, rng) for _ in range(200)]
+    for m in mutants:
+        assert_member(m, space)
+    moved = np.any(np.array([m.factors[30:] for m in mutants]) != np.array(seed.factors[30:]), axis=0)
+    assert moved.all()
+
+
+@pytest.mark.parametrize("name", ["llama3", "strict", "last_step4", "all_dims"])
+def test_plateau_crossover_of_flat_parents_at_different_levels_is_valid_and_new(name):
+    space = SPACES[name]
+    c = space.c_range[0]
+    n = space.n_pairs - (0 if space.all_dims else c)
+    s = space.s
+    step = 0.1 if space.strict else 0.0
+
+    def tail(level: float) -> list[float]:
+        return [round(level + step * j, 10) for j in range(n)]
+
+    if space.all_dims:  # the head is searched too: flat at its own level below d_tcd
+        p1 = make_individual(space, c, factors=[1.0] * space.d_tcd + [s + 0.5] * (space.n_pairs - space.d_tcd))
+        p2 = make_individual(space, c, factors=[2.0] * space.d_tcd + [s + 3.5] * (space.n_pairs - space.d_tcd))
+    else:
+        p1, p2 = make_individual(space, c, tail(s + 0.2)), make_individual(space, c, tail(s + 0.2 * s))
+    assert is_valid(p1, space) and is_valid(p2, space)
+    new = 0
+    for seed in range(200):
+        child = crossover(p1, p2, space, 0.15, np.random.default_rng(seed))
+        assert_member(child, space)
+        new += child != p1 and child != p2
+    assert new >= 150  # nothing taken (0.85^n) or everything taken from p2 are the only repeats
+
+
+def test_plateau_crossovers_need_no_fallback_between_flat_parents():
+    # every crossover child of two flat tails holds only the two parents' values: none is a fallback mutant
+    p1, p2 = flat(LLAMA3, 30, 18.0), flat(LLAMA3, 30, 26.0)
+    _, children = next_generation([(p1, 1.0), (p2, 2.0)], LLAMA3, parents=2, mutants=0, crossovers=16,
+                                  mutation_prob=0.3, crossover_prob=0.15, rng=np.random.default_rng(0), seen=set())
+    for child in children:
+        assert set(child.factors[30:]) == {18.0, 26.0}
+    literal = dataclasses.replace(LLAMA3, operators="neighbours")
+    _, children = next_generation([(p1, 1.0), (p2, 2.0)], literal, parents=2, mutants=0, crossovers=16,
+                                  mutation_prob=0.3, crossover_prob=0.15, rng=np.random.default_rng(0), seen=set(),
+                                  crossover_tries=1)
+    assert sum(not set(ch.factors[30:]) <= {18.0, 26.0} for ch in children) >= 8  # mostly fallbacks
+
+
+def test_crossover_base_better_builds_every_child_on_the_better_parent():
+    space = SPACES["toy"]
+    better, worse = flat(space, 3, 10.0), flat(space, 5, 12.0)
+    kw = dict(parents=2, mutants=0, crossovers=12, mutation_prob=0.3, crossover_prob=0.3)
+    _, children = next_generation([(worse, 2.0), (better, 1.0)], space, rng=np.random.default_rng(0), seen=set(),
+                                  crossover_base="better", **kw)
+    assert {ch.c for ch in children} == {3}
+    _, children = next_generation([(worse, 2.0), (better, 1.0)], space, rng=np.random.default_rng(0), seen=set(),
+                                  **kw)
+    assert {ch.c for ch in children} == {3, 5}
+    with pytest.raises(ValueError, match="crossover_base must be random or better, got 'best'"):
+        next_generation([(worse, 2.0), (better, 1.0)], space, rng=np.random.default_rng(0), seen=set(),
+                        crossover_base="best", **kw)
+
+
+def test_staircase_initial_population_is_the_reference_codes():
+    # reference set-up: strict, last step <= 4, 8 staircase seeds s·(1 + j/10) + 0.1·m, chained mutants to 128
+    space = SearchSpace(64, 16.0, 35, (34, 34), strict=True, last_step_max=4.0)
+    pop = initial_population(space, 128, np.random.default_rng(0), layout="staircase")
+    assert len(pop) == 128 and len({ind.key() for ind in pop}) == 128
+    for ind in pop:
+        assert_member(ind, space)
+    for j, ind in enumerate(pop[:8]):
+        np.testing.assert_allclose(ind.factors[34:], [16.0 * (1 + j / 10) + 0.1 * m for m in range(30)], atol=1e-9)
+    # a chained mutant differs from the individual 8 places before it in a few dims only
+    diffs = [sum(a != b for a, b in zip(pop[i].factors[34:], pop[i - 8].factors[34:])) for i in range(8, 128)]
+    assert 0 < np.median(diffs) <= 15
+
+
+def test_initial_population_layout_errors():
+    with pytest.raises(ValueError, match="layout must be alg1 or staircase, got 'grid'"):
+        initial_population(SPACES["toy"], 8, np.random.default_rng(0), layout="grid")
+    with pytest.raises(ValueError, match=r"population size 16 < 40 seeds \(8 staircase seeds per c"):
+        initial_population(SPACES["toy"], 16, np.random.default_rng(0), layout="staircase")
+
+
+def test_search_space_rejects_unknown_operators():
+    with pytest.raises(ValueError, match="SearchSpace.operators must be plateau or neighbours, got 'swap'"):
+        SearchSpace(16, 8.0, 6, (2, 6), operators="swap")
+
+
+@pytest.mark.parametrize("extra, digest", [
+    ({}, "fbf2a206eac2243e"),
+    ({"strict": True, "last_step_max": 0.5}, "ab3125b5fd52b9db"),
+    ({"all_dims": True}, "c8c4b70cbf960cb1"),
+])
+def test_the_literal_operators_are_the_search_before_the_plateau_rule(extra, digest):
+    # 6 generations on a fixed landscape; the digests were recorded with the search of 53cd57f
+    space = SearchSpace(16, 8.0, 6, (2, 6), operators="neighbours", **extra)
+    star = np.linspace(1.0, 14.0, 16)
+
+    def fit(ind: Individual) -> float:
+        return float(np.mean((np.log(ind.factors) - np.log(star)) ** 2))
+
+    rng = np.random.default_rng(7)
+    scored = [(ind, fit(ind)) for ind in initial_population(space, 16, rng)]
+    seen = {ind.key() for ind, _ in scored}
+    for _ in range(6):
+        top, kids = next_generation(scored, space, parents=8, mutants=4, crossovers=4, mutation_prob=0.3,
+                                    crossover_prob=0.15, rng=rng, seen=seen)
+        fitness = {ind.key(): f for ind, f in scored}
+        scored = [(p, fitness[p.key()]) for p in top] + [(k, fit(k)) for k in kids]
+    searched = [[ind.c] + [round(x * 100) for x in ind.factors[0 if space.all_dims else ind.c:]] for ind, _ in scored]
+    assert hashlib.sha256(json.dumps(searched).encode()).hexdigest()[:16] == digest

@@ -159,6 +159,7 @@ def test_bad_search_settings_fail_before_any_work(tmp_path, toy_model_dir, books
     ("search.attention_factor=search", "search.attention_range=[1.0,1.3]"),
     ("search.attention_factor=1.1",),
     ("search.monotone=strictly_increasing", "search.last_step_max=4.0"),
+    ("search=reference", "search.initial_population=12"),
 ])
 def test_search_options(tmp_path, toy_model_dir, books, options):
     cfg = _prepare(tmp_path, toy_model_dir, books, *options, "search.iterations=1")
@@ -176,6 +177,10 @@ def test_search_options(tmp_path, toy_model_dir, books, options):
     if "search.critical_dim_mode=per_c" in options:  # one GA per c in [d10_tcd, d_tcd]
         assert sorted({int(r["c_lo"]) for r in history}) == list(range(d10, d_tcd + 1))
         assert res["evaluations"] == 5 * (8 + 4)
+    if "search=reference" in options:  # one GA at the reference code's c = d_tcd - 1, staircase seeds
+        assert res["preset"] == "reference" and c == d_tcd - 1
+        assert {(int(r["c_lo"]), int(r["c_hi"])) for r in history} == {(d_tcd - 1, d_tcd - 1)}
+        assert res["evaluations"] == 12 + 4 and all(b > a for a, b in zip(lam[c:], lam[c + 1:]))
     if "search.attention_factor=search" in options:
         assert 1.0 <= res["attention_factor"] <= 1.3
     if "search.attention_factor=1.1" in options:
@@ -208,3 +213,25 @@ def test_a_searched_method_sets_its_own_switches_and_writes_beside_the_others(tm
     # LongRoPE (v1): every dim searched by plain perplexity, whatever search.* said
     assert (res["method"], res["fitness"], res["all_dims"]) == ("longrope", "plain_ppl", True)
     assert not (tmp_path / "seed0" / "search" / "longrope2").exists()
+
+
+@pytest.mark.parametrize("search_cfg, expected", [
+    ({"preset": "paper", "critical_dim_mode": "population", "c_range": None}, [(24, 35)]),
+    ({"preset": "paper", "critical_dim_mode": "per_c", "c_range": [29, 31]}, [(29, 29), (30, 30), (31, 31)]),
+    ({"preset": "reference", "critical_dim_mode": "per_c", "c_range": None}, [(34, 34)]),
+    ({"preset": "reference", "critical_dim_mode": "population", "c_range": [27, 34]}, [(27, 34)]),
+])
+def test_critical_dims_searched_per_preset(search_cfg, expected):
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"search": search_cfg})
+    assert search.c_ranges(cfg, {"d10_tcd": 24, "d_tcd": 35}) == expected
+
+
+def test_a_c_range_beyond_d_tcd_is_refused():
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"search": {"preset": "paper", "critical_dim_mode": "population", "c_range": [30, 36]}})
+    with pytest.raises(ConfigError, match=r"search.c_range = \[30, 36\]: accepted: null or \[lo, hi\] with "
+                                          r"0 < lo <= hi <= d_tcd = 35"):
+        search.c_ranges(cfg, {"d10_tcd": 24, "d_tcd": 35})

@@ -40,6 +40,9 @@ def _check_group_choices(overrides: Sequence[str]) -> None:
     # Hydra's own message for a missing option is long; ours names key, value and choices.
     for override in overrides:
         key, sep, value = override.lstrip("+~").partition("=")
+        if sep and key == "search.preset":  # the label of the chosen group option, not a switch
+            raise ConfigError(f"search.preset={value!r}: the preset is the config group `search`; select it with "
+                              f"search={value} (accepted: {', '.join(available('search'))})")
         if sep and key in CONFIG_GROUPS and value not in available(key):
             raise ConfigError(
                 f"{key}={value!r} is not a known {key}; accepted: {', '.join(available(key))}"
@@ -190,6 +193,11 @@ def _search_errors(data: Mapping[str, Any]) -> list[str]:
                      f"= {s['parents']} + {s['mutants']} + {s['crossovers']}")
     if s["crossovers"] and s["parents"] < 2:
         lines.append(f"search.parents = {s['parents']}: accepted: >= 2 when search.crossovers > 0")
+    first = s["initial_population"]
+    if first is not None and first < s["parents"]:
+        lines.append(f"search.initial_population = {first}: accepted: null or >= search.parents = {s['parents']}")
+    if s["c_range"] is not None and s["c_range"][0] > s["c_range"][1]:
+        lines.append(f"search.c_range = {s['c_range']}: accepted: null or [lo, hi] with lo <= hi")
     lo, hi = s["attention_range"]
     if not lo < hi:
         lines.append(f"search.attention_range = {[lo, hi]}: accepted: [low, high] with low < high")

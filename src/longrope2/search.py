@@ -110,12 +110,25 @@ def search_space(cfg: DictConfig, facts: RopeFacts, dims: dict[str, Any], c_rang
         d_tcd=int(dims["d_tcd"]), c_range=c_range, grid=float(s.grid),
         strict=s.monotone == "strictly_increasing", all_dims=bool(s.all_dims),
         last_step_max=None if s.last_step_max is None else float(s.last_step_max), attention_range=attention_range,
+        operators=str(s.operators),
     )
 
 
 def c_ranges(cfg: DictConfig, dims: dict[str, Any]) -> list[tuple[int, int]]:
-    """One GA over [d10_tcd, d_tcd] (paper Alg. 1) or one GA per fixed c (reference code)."""
-    lo, hi = int(dims["d10_tcd"]), int(dims["d_tcd"])
+    """One GA over the critical dims (paper Alg. 1) or one GA per fixed c (reference code).
+
+    search.c_range, or the preset's: [d10_tcd, d_tcd] (paper); the reference code's default c,
+    ceil(D log_base(L_train / 2 pi)) - 1 = d_tcd - 1.
+    """
+    if cfg.search.c_range is not None:
+        lo, hi = (int(c) for c in cfg.search.c_range)
+        if not 0 < lo <= hi <= int(dims["d_tcd"]):
+            raise ConfigError(f"search.c_range = {[lo, hi]}: accepted: null or [lo, hi] with 0 < lo <= hi <= d_tcd "
+                              f"= {dims['d_tcd']} (the OOD bound: dims from d_tcd need lambda >= s)")
+    elif cfg.search.preset == "reference":
+        lo = hi = int(dims["d_tcd"]) - 1
+    else:
+        lo, hi = int(dims["d10_tcd"]), int(dims["d_tcd"])
     if cfg.search.critical_dim_mode == "per_c":
         return [(c, c) for c in range(lo, hi + 1)]
     return [(lo, hi)]
@@ -207,7 +220,9 @@ def run_ga(
                       "median_fitness": _median([f for _, f in population]), "best_c": best_ind.c})
 
     if run["iteration"] < 0:
-        pop = evolution.initial_population(space, int(knobs.population), rng, mutation_prob=float(knobs.mutation_prob))
+        size = int(knobs.population if knobs.initial_population is None else knobs.initial_population)
+        pop = evolution.initial_population(space, size, rng, mutation_prob=float(knobs.mutation_prob),
+                                           layout=str(knobs.initial))
         fits = evaluate(pop)
         evaluated += list(zip(pop, fits))
         seen.update(ind.key() for ind in pop)
@@ -218,6 +233,7 @@ def run_ga(
             previous, space, parents=int(knobs.parents), mutants=int(knobs.mutants),
             crossovers=int(knobs.crossovers), mutation_prob=float(knobs.mutation_prob),
             crossover_prob=float(knobs.crossover_prob), rng=rng, seen=seen,
+            crossover_tries=int(knobs.crossover_tries), crossover_base=str(knobs.crossover_base),
         )
         fits = evaluate(children)
         evaluated += list(zip(children, fits))
@@ -353,6 +369,7 @@ def _run(cfg: DictConfig, workers: Workers) -> dict[str, Any]:
     out = run_dir(cfg) / "search" / str(cfg.search.method)
     needle_dir = run_dir(cfg) / "needle_data"
     dims = json.loads((Path(cfg.out_dir) / "critical_dim" / "critical_dim.json").read_text())
+    ranges = c_ranges(cfg, dims)  # checked before the model loads
     needle_sets = load_needle_sets(needle_dir)  # split -> (samples, plain_ids)
     samples, plain_ids = needle_sets["search"]
     model, facts = load_model(cfg, workers.device)
@@ -367,7 +384,7 @@ def _run(cfg: DictConfig, workers: Workers) -> dict[str, Any]:
     state_path = out / "state" / f"{key}.json"
     state = load_state(state_path, key) or {
         "version": STATE_VERSION, "fingerprint": key, "wall_s": 0.0, "history": [], "evaluated": [],
-        "runs": [new_run_state(r, run_seed(cfg)) for r in c_ranges(cfg, dims)],
+        "runs": [new_run_state(r, run_seed(cfg)) for r in ranges],
     }
     evaluated = [(evolution.from_dict(d), f) for d, f in state["evaluated"]]
     resumed = sum(r["iteration"] + 1 for r in state["runs"])
@@ -429,6 +446,7 @@ def write_outputs(cfg: DictConfig, out: Path, model: torch.nn.Module, facts: Rop
         "short_factor": list(scaling.short_factor), "d_tcd": int(dims["d_tcd"]), "d10_tcd": int(dims["d10_tcd"]),
         "train_len": facts.train_len, "target_len": target_len, "evaluations": len(state["evaluated"]),
         "iterations": int(cfg.search.iterations), "critical_dim_mode": str(cfg.search.critical_dim_mode),
+        "preset": str(cfg.search.preset), "operators": str(cfg.search.operators),
         "wall_s": state["wall_s"], "seed": run_seed(cfg),
     }
     write_json(out / "result.json", result)
