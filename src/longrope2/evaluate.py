@@ -42,7 +42,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from longrope2 import long_eval, longbench, ruler, tables  # noqa: E402
 from longrope2.config import ConfigError, hydra_stage, run_dir  # noqa: E402
-from longrope2.inputs import BASE, eval_dir, needle_template  # noqa: E402
+from longrope2.inputs import BASE, eval_dir, load_causal_lm, needle_template  # noqa: E402
 from longrope2.outputs import atomic_dir, save_figure, write_json  # noqa: E402
 from longrope2.toy import torch_threads  # noqa: E402
 from longrope2.tracking import stage_run  # noqa: E402
@@ -83,12 +83,12 @@ def check_config(cfg: DictConfig) -> tuple[str, list[str]]:
     return str(e.variant), suites
 
 
-def load_model(path: str, dtype: str) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_model(path: str, dtype: str, target_len: int) -> tuple[Any, Any]:
+    from transformers import AutoTokenizer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch_dtype = getattr(torch, dtype) if device == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device).eval()
+    model = load_causal_lm(path, target_len, dtype=torch_dtype).to(device).eval()
     return model, AutoTokenizer.from_pretrained(path)
 
 
@@ -294,7 +294,7 @@ def run(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     _quiet_lm_eval()
     results: dict[str, dict[str, Any]] = {}
     with torch_threads(cfg.eval.num_threads):
-        model, tokenizer = load_model(path, str(cfg.model.dtype))
+        model, tokenizer = load_model(path, str(cfg.model.dtype), int(cfg.target_len))
         for suite in suites:
             out = eval_dir(cfg, variant, suite)
             # The experiment's seed (not run_seed) draws the test data: every replicate is scored on the same samples.

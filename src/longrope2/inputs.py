@@ -32,6 +32,34 @@ def eval_dir(cfg: DictConfig, variant: str, suite: str, seed: int | None = None)
     return run_dir(cfg, seed) / "eval" / variant / suite
 
 
+def lift_attention_window(config: Any, target_len: int) -> str | None:
+    """Lift an attention window shorter than target_len (in place): None = full causal attention.
+
+    Phi-3-mini-4k's config sets sliding_window = 2047, and transformers then masks (and tells flash
+    attention) everything more than 2047 tokens back: a needle at the start of a 128k sample would be
+    invisible to the search, the fine-tuning and the evaluations. The reference search code sets the
+    window to the target length; None also covers the evaluations beyond it. A window >= target_len
+    (Phi-3-mini-128k / Phi-4-mini: 262 144) is kept. Returns what changed, or None.
+    """
+    window = getattr(config, "sliding_window", None)
+    if window is None or int(window) >= int(target_len):
+        return None
+    config.sliding_window = None
+    return f"sliding_window {window} -> null (full attention; target_len = {target_len})"
+
+
+def load_causal_lm(path: str, target_len: int, **kwargs: Any) -> Any:
+    """AutoModelForCausalLM.from_pretrained(path, **kwargs) with the attention window lifted to cover
+    target_len (lift_attention_window); the loaded config says what was loaded."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    change = lift_attention_window(config, target_len)
+    if change:
+        print(f"{path}: {change}")
+    return AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
+
+
 def load_tokenizer(path: str) -> Any:
     from transformers import AutoTokenizer
 

@@ -47,7 +47,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from longrope2 import evolution, fitness, methods, rope  # noqa: E402
 from longrope2.config import ConfigError, hydra_stage, run_dir, run_seed, to_dict  # noqa: E402
 from longrope2.evolution import Individual, SearchSpace  # noqa: E402
-from longrope2.inputs import load_needle_sets  # noqa: E402
+from longrope2.inputs import load_causal_lm, load_needle_sets  # noqa: E402
 from longrope2.needle import NeedleSample  # noqa: E402
 from longrope2.outputs import atomic_file, save_figure, write_json  # noqa: E402
 from longrope2.scaling import RopeFacts, RopeScaling, rope_facts_from_hf_config  # noqa: E402
@@ -89,11 +89,9 @@ def init_workers() -> Workers:
 
 def load_model(cfg: DictConfig, device: torch.device) -> tuple[torch.nn.Module, RopeFacts]:
     """The base model (bf16 + SDPA on GPUs, fp32 on CPUs) prepared for in-place RoPE swaps."""
-    from transformers import AutoModelForCausalLM
-
     dtype = getattr(torch, str(cfg.model.dtype)) if device.type == "cuda" else torch.float32
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(cfg.model.path), dtype=dtype, attn_implementation="sdpa")
+        model = load_causal_lm(str(cfg.model.path), int(cfg.target_len), dtype=dtype, attn_implementation="sdpa")
     except (OSError, ValueError) as err:
         raise ConfigError(f"model.path = {cfg.model.path!r}: cannot load a causal LM there ({err})") from None
     model.to(device).eval()

@@ -67,7 +67,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from longrope2 import methods, mixed  # noqa: E402
 from longrope2.config import ConfigError, hydra_stage, run_dir, run_seed, to_dict  # noqa: E402
 from longrope2.fitness import needle_fitness  # noqa: E402
-from longrope2.inputs import load_needle_sets, load_tokenizer  # noqa: E402
+from longrope2.inputs import load_causal_lm, load_needle_sets, load_tokenizer  # noqa: E402
 from longrope2.outputs import atomic_dir, save_figure, write_json  # noqa: E402
 from longrope2.scaling import RopeFacts, RopeScaling, rope_facts_from_hf_config  # noqa: E402
 from longrope2.toy import torch_threads  # noqa: E402
@@ -176,10 +176,8 @@ class ChunkedLossLM(nn.Module):
 
 
 def load_base(cfg: DictConfig, attn: str, dtype: torch.dtype) -> tuple[nn.Module, RopeFacts]:
-    from transformers import AutoModelForCausalLM
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(cfg.model.path), dtype=dtype, attn_implementation=attn)
+    try:  # the attention window lifted to cover target_len: the exported config keeps it lifted
+        model = load_causal_lm(str(cfg.model.path), int(cfg.target_len), dtype=dtype, attn_implementation=attn)
     except (OSError, ValueError, ImportError) as err:
         raise ConfigError(f"model.path = {cfg.model.path!r} (train.attn_implementation = {attn!r}): cannot load "
                           f"a causal LM ({err})") from None
@@ -416,8 +414,6 @@ def export_model(accelerator: Any, model: nn.Module, tokenizer: Any, scaling: Ro
 
 def validate(cfg: DictConfig, model_dir: Path, device: torch.device) -> dict[str, Any]:
     """Held-out needle exact match / needle-PPL at L_train and at L: base (original RoPE) vs this model."""
-    from transformers import AutoModelForCausalLM
-
     sets = load_needle_sets(run_dir(cfg) / "needle_data")
     chosen = {split: samples for split, (samples, _) in sets.items() if split in ("validation_short", "validation")}
     if not chosen:
@@ -425,7 +421,7 @@ def validate(cfg: DictConfig, model_dir: Path, device: torch.device) -> dict[str
     batch = int(cfg.train.validation_batch_size)
     out: dict[str, Any] = {}
     for name, path in (("base", str(cfg.model.path)), ("tuned", str(model_dir))):
-        lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32 if device.type == "cpu" else None)
+        lm = load_causal_lm(path, int(cfg.target_len), dtype=torch.float32 if device.type == "cpu" else None)
         lm.to(device).eval()
         for split, samples in chosen.items():
             out.setdefault(name, {})[split] = {"length": samples[0].length, "samples": len(samples),
