@@ -25,4 +25,5 @@ rule all:
         expand(rules.train.output, method=METHODS, seed=SEEDS),
         BASE_EVALUATIONS,
         EVALUATIONS,
+        TRAINING_FREE_EVALUATIONS,
         rules.report.output,

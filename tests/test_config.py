@@ -94,6 +94,18 @@ def test_interpolations_follow_overrides():
         (["search.crossover_base=best"], 'search.crossover_base = "best": accepted: random, better'),
         (["search.initial_population=4"], "search.initial_population = 4: accepted: null or >= search.parents = 16"),
         (["search.c_range=[30,24]"], "search.c_range = [30, 24]: accepted: null or [lo, hi] with lo <= hi"),
+        # the paper's regime: the toy fine-tunes on at most 10 % of its base's pretraining tokens
+        (["train.length_mix=[{max_len:128,tokens:400000},{max_len:1024,tokens:800000}]"],
+         "train.length_mix = 1200000 fine-tuning tokens: accepted: at most train.max_pretrain_share = 0.1 x "
+         "1228800 pretraining tokens = 122880"),
+        (["experiment=llama3_8b_128k", "train.max_pretrain_share=0.0001"],
+         "train.length_mix = 10000000000 fine-tuning tokens: accepted: at most train.max_pretrain_share = 0.0001 x "
+         "15000000000000 pretraining tokens = 1500000000"),
+        (["experiment=llama3_8b_128k", "model.pretrain_tokens=null", "train.max_pretrain_share=0.01"],
+         "train.max_pretrain_share = 0.01: accepted: null, or a share with model.pretrain_tokens set"),
+        (["eval.training_free_suites=[ruler]"],
+         'eval.training_free_suites = ["ruler"]: accepted: suites of eval.suites (niah, short, ppl)'),
+        (["eval.niah.runs_by_length={1024:0}"], "eval.niah.runs_by_length.1024 = 0: accepted: a value >= 1"),
     ],
 )
 def test_bad_values_are_rejected_with_key_value_and_accepted(overrides, message):

@@ -3,6 +3,7 @@ access fails), one result file per (variant, suite), retention against the base,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -10,6 +11,7 @@ import pytest
 
 from longrope2 import eval_data, evaluate
 from longrope2.config import ConfigError, compose_config
+from longrope2.scaling import RopeScaling, rope_facts_from_hf_config
 
 TRIVIAQA = {"input": "Who wrote Hamlet?", "context": "Passage: Hamlet is a play by William Shakespeare. " * 20,
             "answers": ["William Shakespeare"], "length": 200, "dataset": "triviaqa", "language": "en",
@@ -102,6 +104,9 @@ def test_short_tasks_and_retention(evaluated):
     base, tuned = results["base", "short"], results["tuned", "short"]
     assert set(base["tasks"]) == {"toy_short_needle", "toy_short_ppl"}
     assert base["average"] == base["tasks"]["toy_short_needle"]["value"]  # perplexity stays out of the average
+    flags = base["tasks"]["toy_short_needle"]["correct"]  # every document's outcome, for paired comparisons
+    assert len(flags) == 6 and sum(flags) / 6 == pytest.approx(base["average"])
+    assert "correct" not in base["tasks"]["toy_short_ppl"]
     assert "retention" not in base
     # the same weights under another name: the same scores, retention exactly 1 (or undefined at 0)
     assert tuned["tasks"] == base["tasks"]
@@ -143,3 +148,43 @@ def test_bad_input_fails_before_any_model_is_loaded(tmp_path, toy_model_dir, boo
         eval_data.run(_cfg(tmp_path, toy_model_dir, books, f"eval.ruler.source_dir={tmp_path}",
                            "eval.ruler.tasks=[niah_single_2]"))
     assert not (tmp_path / "out" / "eval").exists()
+
+
+def test_training_free_is_the_base_under_the_methods_factors(evaluated, toy_model_dir, books):
+    """eval.training_free: the base's weights with a method's factors, scored on the same samples; the same
+    numbers as a checkpoint whose config.json carries those factors (loaded by plain transformers)."""
+    out, results = evaluated
+    root = out.parent
+    free = evaluate.run(_cfg(root, toy_model_dir, books, "eval.variant=yarn", "eval.suite=niah",
+                             "eval.training_free=true"))["niah"]
+    on_disk = json.loads((out / "seed0" / "eval_training_free" / "yarn" / "niah" / "niah.json").read_text())
+    assert on_disk["training_free"] is True and on_disk["correct"] == free["correct"]
+    assert free["needle_ppl"] != results["base", "niah"]["needle_ppl"]  # the factors changed the model
+    # the same factors written into a copy of the base's config.json
+    export = out / "seed0" / "train" / "yarn_config" / "model"
+    shutil.copytree(toy_model_dir, export)
+    config = json.loads((export / "config.json").read_text())
+    facts = dataclasses.replace(rope_facts_from_hf_config(config), train_len=64)
+    RopeScaling.yarn(facts, 256).update_hf_config(config)
+    (export / "config.json").write_text(json.dumps(config))
+    loaded = evaluate.run(_cfg(root, toy_model_dir, books, "eval.variant=yarn_config", "eval.suite=niah"))["niah"]
+    assert loaded["correct"] == free["correct"] and loaded["exact_match"] == free["exact_match"]
+    for row_loaded, row_free in zip(loaded["needle_ppl"], free["needle_ppl"], strict=True):
+        assert row_loaded == pytest.approx(row_free, rel=1e-5)
+    # every sample's outcome is recorded, in the grid's order
+    for j, length in enumerate(free["lengths"]):
+        flags = free["correct"][str(length)]
+        assert len(flags) == sum(row[j] for row in free["runs"])
+        assert sum(flags) / len(flags) == pytest.approx(free["mean_by_length"][str(length)])
+
+
+def test_training_free_bad_input_fails_before_any_model_is_loaded(evaluated, toy_model_dir, books):
+    root = evaluated[0].parent
+    with pytest.raises(ConfigError, match=r"^eval.variant = 'pi' with eval.training_free = true: accepted: one of "
+                                          r"methods \(yarn, longrope2\)"):
+        evaluate.run(_cfg(root, toy_model_dir, books, "eval.variant=pi", "eval.suite=niah", "eval.training_free=true"))
+    with pytest.raises(ConfigError, match=r"method 'longrope2' takes its factors from search 'longrope2': .*"
+                                          r"search/longrope2/result.json is missing"):
+        evaluate.run(_cfg(root, toy_model_dir, books, "eval.variant=longrope2", "eval.suite=niah",
+                          "eval.training_free=true"))
+    assert not (root / "out" / "seed0" / "eval_training_free" / "longrope2").exists()

@@ -65,7 +65,7 @@ def _write(out, variant, suite, data, seed=0):
 
 def test_report_stage_writes_every_table_and_says_what_is_missing(tmp_path):
     cfg = compose_config(["experiment=smoke", f"out_dir={tmp_path}", "tracking.enabled=false",
-                          "eval.suites=[niah,longbench]"])
+                          "eval.suites=[niah,longbench]", "eval.training_free_suites=[]"])
     with pytest.raises(ConfigError, match=r"report: evaluation results missing \(run stage evaluate first\): "):
         report.run(cfg)
     for variant, em in (("base", 0.0), ("yarn", 0.5), ("longrope2", 0.9)):
@@ -73,7 +73,7 @@ def test_report_stage_writes_every_table_and_says_what_is_missing(tmp_path):
         _write(tmp_path, variant, "longbench", {"skipped": "no data folder configured (eval.longbench.path)",
                                                  "tasks": {}})
     result = report.run(cfg)
-    assert result["tables"] == ["table3_longbench", "niah"]
+    assert result["tables"] == ["claims", "claims_detail", "table3_longbench", "niah"]
     text = (tmp_path / "report" / "report.md").read_text()
     assert "| longrope2 | 1.00 | 0.90 |" in text and "| yarn | 1.00 | 0.50 |" in text
     assert "- base: no data folder configured (eval.longbench.path)" in text
@@ -138,7 +138,8 @@ def test_the_noise_band_of_an_ordering_claim_counts_the_seeds_spread():
 
 
 def test_report_stage_averages_the_seeds_of_each_method(tmp_path):
-    cfg = compose_config(["experiment=smoke", f"out_dir={tmp_path}", "tracking.enabled=false", "seeds=[0,3]"])
+    cfg = compose_config(["experiment=smoke", f"out_dir={tmp_path}", "tracking.enabled=false", "seeds=[0,3]",
+                          "eval.training_free_suites=[]"])
     _write(tmp_path, "base", "niah", {"lengths": [128, 1024], "mean_by_length": {"128": 1.0, "1024": 0.0}})
     for seed, (yarn, lr2) in ((0, (0.5, 0.9)), (3, (0.7, 1.0))):
         _write(tmp_path, "yarn", "niah", {"lengths": [128, 1024], "mean_by_length": {"128": 1.0, "1024": yarn}}, seed)
@@ -152,4 +153,39 @@ def test_report_stage_averages_the_seeds_of_each_method(tmp_path):
     text = (tmp_path / "report" / "report.md").read_text()
     assert "seeds 0, 3: each fine-tuned method's numbers are mean ± std over them" in text
     assert "| yarn | 1.00 ± 0.00 | 0.60 ± 0.14 |" in text and "| base | 1.00 | 0.00 |" in text
-    assert "longrope2 ≥ yarn (0.95 ± 0.07 vs 0.60 ± 0.14)" in text
+
+
+def _write_free(out, variant, data, seed=0):
+    folder = out / f"seed{seed}" / "eval_training_free" / variant / "niah"
+    folder.mkdir(parents=True)
+    (folder / "niah.json").write_text(json.dumps(data))
+
+
+def test_report_classifies_the_papers_claims_on_paired_samples_pooled_over_seeds(tmp_path):
+    """Fine-tuned and training-free rows of Table 2, and every claim with its paired interval."""
+    cfg = compose_config(["experiment=smoke", f"out_dir={tmp_path}", "tracking.enabled=false", "seeds=[0,3]",
+                          "eval.training_free_suites=[niah]"])
+
+    def niah(flags):
+        return {"lengths": [128, 1024], "mean_by_length": {"128": 1.0, "1024": sum(flags) / len(flags)},
+                "correct": {"128": [1] * 4, "1024": flags}}
+
+    n = 160
+    _write(tmp_path, "base", "niah", niah([0] * n))
+    for seed in (0, 3):
+        _write(tmp_path, "yarn", "niah", niah([1] * 100 + [0] * 60), seed)
+        _write(tmp_path, "longrope2", "niah", niah([1] * 150 + [0] * 10), seed)
+        _write_free(tmp_path, "yarn", niah([1] * 120 + [0] * 40), seed)
+        _write_free(tmp_path, "longrope2", niah([1] * 40 + [0] * 120), seed)
+    report.run(cfg)
+    out = tmp_path / "report"
+    text = (out / "report.md").read_text()
+    assert "| yarn (training-free) | 1.00 ± 0.00 | 0.75 ± 0.00 |" in text
+    detail = (out / "claims_detail.md").read_text()
+    # pooled over the two seeds: 2 x 160 pairs
+    assert f"| Table 2 ordering, fine-tuned, at L | longrope2 ≥ yarn | NIAH 1k | {2 * n} | +0.312 [" in detail
+    assert "| 100/0 | 1.58e-30 | reproduced | — |" in detail
+    assert ("| Table 2 ordering before fine-tuning, at L (our addition) | longrope2 ≥ yarn | NIAH 1k | 320 | "
+            "-0.500 [") in detail and "| 0/160 | 1.37e-48 | contradicted | — |" in detail
+    summary = (out / "claims.md").read_text()
+    assert "| Table 10, search from the critical dim vs all dims | 1 | 0 | 0 | 1 | unresolved |" in summary

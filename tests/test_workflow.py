@@ -9,10 +9,10 @@ from conftest import run_snakemake
 
 DAG = {"critical_dim", "needle_data", "search", "train_data", "train", "eval_data", "evaluate_base", "evaluate",
        "report", "all"}
-EXPERIMENT_RULES = {
-    "toy": DAG | {"pretrain"},
-    "toy_ablations": DAG | {"pretrain"},
-    "toy_seeds": DAG | {"pretrain"},
+EXPERIMENT_RULES = {  # the toys also evaluate every method training-free (eval.training_free_suites)
+    "toy": DAG | {"pretrain", "evaluate_training_free"},
+    "toy_ablations": DAG | {"pretrain", "evaluate_training_free"},
+    "toy_seeds": DAG | {"pretrain", "evaluate_training_free"},
     "smoke": DAG | {"pretrain"},
     "llama3_8b_128k": DAG,
     "phi3_mini_128k": DAG,
@@ -34,10 +34,10 @@ def planned_rules(stdout: str) -> set[str]:
 # one evaluation per (method, suite); the base model's evaluations once.
 # The toys run a model's suites in one job (eval.jobs = per_variant); the paper presets a job per suite.
 PLANNED_JOBS = {
-    "toy": {"needle_data": 1, "search": 2, "train": 6, "evaluate": 6, "evaluate_base": 1},
-    "toy_ablations": {"search": 3, "train": 8, "evaluate": 8, "evaluate_base": 1},
+    "toy": {"needle_data": 1, "search": 2, "train": 6, "evaluate": 6, "evaluate_base": 1, "evaluate_training_free": 6},
+    "toy_ablations": {"search": 3, "train": 8, "evaluate": 8, "evaluate_base": 1, "evaluate_training_free": 8},
     "toy_seeds": {"needle_data": 3, "train_data": 3, "search": 3 * 2, "train": 3 * 6, "evaluate": 3 * 6,
-                  "evaluate_base": 1, "pretrain": 1, "eval_data": 1},
+                  "evaluate_base": 1, "pretrain": 1, "eval_data": 1, "evaluate_training_free": 3 * 6},
     "smoke": {"search": 1, "train": 2, "evaluate": 2 * 1, "evaluate_base": 1},
     "llama3_8b_128k": {"search": 2, "train": 6, "evaluate": 6 * 5, "evaluate_base": 5},
     "phi3_mini_128k": {"search": 2, "train": 6, "evaluate": 6 * 5, "evaluate_base": 5},
@@ -129,6 +129,7 @@ def test_smoke_end_to_end_with_tracking(tmp_path):
     assert (model_dir / "config.json").exists() and (model_dir / "tokenizer.json").exists()
     gate = json.loads((out / "pretrain" / "gate.json").read_text())
     assert {"em_1x", "em_8x"} <= set(gate["metrics"])
+    assert gate["pretrain_tokens"] == gate["pretrain_steps"] * 8 * 128  # the regime's denominator
     summary = json.loads((out / "critical_dim" / "critical_dim.json").read_text())
     assert (summary["d_tcd"], summary["d10_tcd"], summary["extension_ratio"]) == (6, 2, 8)
     result = json.loads((out / "seed0" / "search" / "longrope2" / "result.json").read_text())
@@ -173,6 +174,9 @@ def test_smoke_end_to_end_with_tracking(tmp_path):
     yarn = json.loads((out / "seed0" / "train" / "yarn" / "model" / "config.json").read_text())["rope_parameters"]
     assert (yarn["rope_type"], yarn["factor"], yarn["original_max_position_embeddings"]) == ("yarn", 8.0, 128)
     assert (out / "logs" / "seed0" / "train-longrope2.log").stat().st_size > 0
+    # the claims, paired on the samples every model saw
+    assert "| Table 2 ordering, fine-tuned, at L | longrope2 ≥ yarn | NIAH 1k |" in (
+        out / "report" / "claims_detail.md").read_text()
     niah = json.loads((out / "eval" / "base" / "niah" / "niah.json").read_text())
     assert niah["lengths"] == [128, 1024] and (out / "eval" / "base" / "niah" / "niah.png").exists()
     assert "niah_em_1024" in children["evaluate-longrope2-niah"].data.metrics

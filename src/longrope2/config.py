@@ -169,10 +169,52 @@ def semantic_errors(data: Mapping[str, Any]) -> list[str]:
         )
     if data["run_seed"] is not None and data["run_seed"] not in data["seeds"]:
         lines.append(f"run_seed = {data['run_seed']}: accepted: null or one of seeds = {json.dumps(data['seeds'])}")
+    free = [x for x in data["eval"]["training_free_suites"] if x not in data["eval"]["suites"]]
+    if free:
+        lines.append(f"eval.training_free_suites = {json.dumps(data['eval']['training_free_suites'])}: accepted: "
+                     f"suites of eval.suites ({', '.join(data['eval']['suites'])})")
     lines += _search_errors(data)
     lines += _length_mix_errors(data)
     lines += _train_errors(data)
+    lines += _regime_errors(data)
     return lines
+
+
+def finetune_tokens(data: Mapping[str, Any]) -> int:
+    """Tokens the fine-tuning trains on: train.length_mix's budgets x train.epochs."""
+    return int(sum(b["tokens"] for b in data["train"]["length_mix"]) * data["train"]["epochs"])
+
+
+def min_pretrain_tokens(data: Mapping[str, Any]) -> int | None:
+    """The fewest tokens the base was pretrained on: model.pretrain_tokens (a real model's published figure), or
+    for the toy the earliest stop of its pretraining (the first held-out check at or after the copy warm-up,
+    longrope2.toy) x batch_size x model.train_len; None when neither is known."""
+    model = data["model"]
+    if model.get("pretrain_tokens") is not None:
+        return int(model["pretrain_tokens"])
+    p = model["pretrain"]
+    if not p["enabled"]:
+        return None
+    first_check = max(-(-p["warmup_copy_steps"] // p["eval_every"]), 1) * p["eval_every"]
+    return min(first_check, p["max_steps"]) * p["batch_size"] * model["train_len"]
+
+
+def _regime_errors(data: Mapping[str, Any]) -> list[str]:
+    """The paper's regime: fine-tuning is a small share of pretraining (10B of 15T tokens, ~0.07 %), so the
+    starting factors, not a retraining, decide the outcome."""
+    share = data["train"].get("max_pretrain_share")
+    if share is None:
+        return []
+    base = min_pretrain_tokens(data)
+    if base is None:
+        return [f"train.max_pretrain_share = {share}: accepted: null, or a share with model.pretrain_tokens set "
+                "(the base's pretraining tokens, to check the fine-tuning budget against)"]
+    tokens = finetune_tokens(data)
+    if tokens > share * base:
+        return [f"train.length_mix = {tokens} fine-tuning tokens: accepted: at most train.max_pretrain_share = "
+                f"{share} x {base} pretraining tokens = {int(share * base)} (the paper's regime: fine-tuning is a "
+                "small share of pretraining)"]
+    return []
 
 
 def _length_mix_errors(data: Mapping[str, Any]) -> list[str]:

@@ -3,13 +3,16 @@ per suite, eval.jobs = per_suite) or a list run in turn in one process (eval.job
 
 In:  the variant's model, loaded as a user loads it (transformers, no custom code):
      `base` = model.path with its original RoPE; any other variant = <out_dir>/seed<k>/train/<variant>/model
-     (k = run_seed);
+     (k = run_seed); with eval.training_free = true, a method = model.path with that method's factors (its
+     search's result.json for searched and rcd methods), weights untouched;
      <out_dir>/eval_data/ (stage eval_data); for `short` on a fine-tuned variant, the base's result.
-Out: <out_dir>/eval/base/<suite>/ or <out_dir>/seed<k>/eval/<variant>/<suite>/: <suite>.json (+ the suite's
-     table and figure), metrics to MLflow.
+Out: <out_dir>/eval/base/<suite>/, <out_dir>/seed<k>/eval/<variant>/<suite>/ or (training-free)
+     <out_dir>/seed<k>/eval_training_free/<variant>/<suite>/: <suite>.json (+ the suite's table and figure),
+     metrics to MLflow.
      - ruler: per-task x length scores (official RULER scoring, x100), average per length, effective
        length; ruler.csv; ruler.png; predictions.jsonl. Runs through lm-eval (generate_until, greedy).
-     - niah: exact match and needle-PPL per (length, depth) cell; niah.png (heatmap).
+     - niah: exact match and needle-PPL per (length, depth) cell, every sample's outcome (paired
+       comparisons: every model sees the same samples); niah.png (heatmap).
      - ppl: sliding-window perplexity of held-out long documents per length.
      - longbench: LongBench / InfiniteBench tasks from eval.longbench.path, or a "skipped" line.
      - short: lm-eval short tasks within eval.short.window (toy: local tasks via include_path), the
@@ -17,10 +20,12 @@ Out: <out_dir>/eval/base/<suite>/ or <out_dir>/seed<k>/eval/<variant>/<suite>/: 
 
     python -m longrope2.evaluate experiment=toy eval.variant=longrope2 eval.suite=niah
     python -m longrope2.evaluate experiment=toy eval.variant=longrope2 'eval.suite=[niah,short,ppl]'
+    python -m longrope2.evaluate experiment=toy eval.variant=yarn eval.suite=niah eval.training_free=true
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -40,10 +45,11 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from longrope2 import long_eval, longbench, ruler, tables  # noqa: E402
+from longrope2 import long_eval, longbench, methods, ruler, tables  # noqa: E402
 from longrope2.config import ConfigError, hydra_stage, run_dir  # noqa: E402
-from longrope2.inputs import BASE, eval_dir, load_causal_lm, needle_template  # noqa: E402
+from longrope2.inputs import BASE, eval_dir, load_causal_lm, needle_template, search_result  # noqa: E402
 from longrope2.outputs import atomic_dir, save_figure, write_json  # noqa: E402
+from longrope2.scaling import rope_facts_from_hf_config  # noqa: E402
 from longrope2.toy import torch_threads  # noqa: E402
 from longrope2.tracking import stage_run  # noqa: E402
 
@@ -52,7 +58,7 @@ NOT_IN_AVERAGE = ("perplexity", "bits_per_byte")
 
 
 def model_dir(cfg: DictConfig, variant: str) -> str:
-    if variant == BASE:
+    if variant == BASE or cfg.eval.training_free:
         return str(cfg.model.path)
     path = run_dir(cfg) / "train" / variant / "model"
     if not (path / "config.json").is_file():
@@ -72,6 +78,9 @@ def check_config(cfg: DictConfig) -> tuple[str, list[str]]:
                           "or a list of them")
     if not e.variant:
         raise ConfigError(f"eval.variant = {e.variant!r}; accepted: {BASE} or a fine-tuned variant's name")
+    if e.training_free and e.variant not in cfg.methods:
+        raise ConfigError(f"eval.variant = {e.variant!r} with eval.training_free = true: accepted: one of methods "
+                          f"({', '.join(cfg.methods)}): their factors are applied to the base model")
     data = Path(cfg.out_dir) / "eval_data" / "eval_data.json"
     if not data.is_file():
         raise ConfigError(f"{data} is missing: run stage eval_data first (snakemake does)")
@@ -81,6 +90,13 @@ def check_config(cfg: DictConfig) -> tuple[str, list[str]]:
         except longbench.BenchmarkDataError as err:
             raise ConfigError(f"eval.longbench.path: {err}") from None
     return str(e.variant), suites
+
+
+def training_free(cfg: DictConfig, model: Any, method: str, searched: dict[str, Any] | None) -> Any:
+    """The base model with a method's RoPE scaling (searched: its search's result.json) and its weights
+    untouched: the method before fine-tuning."""
+    facts = dataclasses.replace(rope_facts_from_hf_config(model.config), train_len=int(cfg.model.train_len))
+    return methods.method_scaling(method, facts, int(cfg.target_len), searched).apply_to_model(model)
 
 
 def load_model(path: str, dtype: str, target_len: int) -> tuple[Any, Any]:
@@ -179,8 +195,13 @@ def eval_niah(cfg: DictConfig, model: Any, tokenizer: Any, data: Path, out: Path
     # One haystack stream of the held-out books end to end (as RULER joins its essays): a 128k sample
     # is longer than most single books.
     haystack = torch.cat(_books(data))
-    samples = long_eval.niah_samples(tokenizer, haystack, list(n.lengths), list(n.depths), int(n.runs),
-                                     needle_template(cfg), int(cfg.seed))
+    # Cells draw run k the same way whatever the run count: more runs at a length extend its samples.
+    runs = {int(L): int((n.runs_by_length or {}).get(L, n.runs)) for L in n.lengths}
+    samples = {}
+    for count in sorted(set(runs.values())):
+        lengths = [L for L, r in runs.items() if r == count]
+        samples |= long_eval.niah_samples(tokenizer, haystack, lengths, list(n.depths), count,
+                                          needle_template(cfg), int(cfg.seed))
     cells = long_eval.niah_grid(model, samples, batch_size=int(cfg.eval.batch_size))
     fig = long_eval.plot_niah_heatmap(cells, f"Needle in a haystack, {cfg.experiment_name} / {cfg.eval.variant}",
                                       train_len=int(cfg.model.train_len), target_len=int(cfg.target_len))
@@ -242,7 +263,7 @@ def eval_short(cfg: DictConfig, model: Any, tokenizer: Any, data: Path, out: Pat
         # lm-eval's own tasks (mmlu, ...) need its task index (~10 s to build); the toy's local ones do not.
         own = any(not task.startswith("toy_short") for task in tasks)
         manager = TaskManager(include_path=include, include_defaults=own)
-        result = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=s.limit, log_samples=False,
+        result = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=s.limit, log_samples=True,
                                          task_manager=manager, verbosity="WARNING",
                                          random_seed=int(cfg.seed), numpy_random_seed=int(cfg.seed),
                                          torch_random_seed=int(cfg.seed), fewshot_random_seed=int(cfg.seed))
@@ -253,6 +274,10 @@ def eval_short(cfg: DictConfig, model: Any, tokenizer: Any, data: Path, out: Pat
             raise ConfigError(f"eval.short.tasks: {task} metric {key!r}: lm-eval reported {sorted(values)}; "
                               "accepted: one of those keys")
         metrics[task] = {"metric": key, "value": float(values[key])}
+        # every document's 0/1 outcome of an accuracy metric, by doc_id: paired comparisons across models
+        name, logged = key.split(",")[0], sorted(result.get("samples", {}).get(task, []), key=lambda r: r["doc_id"])
+        if logged and not any(x in key for x in NOT_IN_AVERAGE) and all(name in r for r in logged):
+            metrics[task]["correct"] = [int(round(float(r[name]))) for r in logged]
     in_average = [m["value"] for t, m in metrics.items() if not any(x in m["metric"] for x in NOT_IN_AVERAGE)]
     summary: dict[str, Any] = {"window": int(s.window), "tasks": metrics,
                                "average": sum(in_average) / len(in_average) if in_average else None}
@@ -289,24 +314,29 @@ def run(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     """Every suite of eval.suite on the variant, in turn: one model load, per suite its own output
     folder (complete or absent) and MLflow run."""
     variant, suites = check_config(cfg)
-    path = model_dir(cfg, variant)
+    path, free = model_dir(cfg, variant), bool(cfg.eval.training_free)
+    name = f"{variant} (training-free)" if free else variant
+    searched = search_result(cfg, variant) if free else None  # a missing search fails before any model loads
     data = Path(cfg.out_dir) / "eval_data"
     _quiet_lm_eval()
     results: dict[str, dict[str, Any]] = {}
     with torch_threads(cfg.eval.num_threads):
         model, tokenizer = load_model(path, str(cfg.model.dtype), int(cfg.target_len))
+        if free:
+            model = training_free(cfg, model, variant, searched)
         for suite in suites:
-            out = eval_dir(cfg, variant, suite)
+            out = eval_dir(cfg, variant, suite, training_free=free)
             # The experiment's seed (not run_seed) draws the test data: every replicate is scored on the same samples.
-            with stage_run(cfg, f"evaluate-{variant}-{suite}", per_seed=variant != BASE) as tracker:
-                tracker.set_tags({"variant": variant, "suite": suite, "model": path})
+            run_name = f"evaluate-{variant}{'-training_free' if free else ''}-{suite}"
+            with stage_run(cfg, run_name, per_seed=variant != BASE) as tracker:
+                tracker.set_tags({"variant": variant, "suite": suite, "model": path, "training_free": str(free)})
                 with atomic_dir(out) as scratch:
                     result = SUITES[suite](cfg, model, tokenizer, data, scratch)
-                    result = {"variant": variant, "suite": suite, "model": path, **result}
+                    result = {"variant": variant, "suite": suite, "model": path, "training_free": free, **result}
                     write_json(scratch / f"{suite}.json", result)
                 tracker.log_metrics(headline(suite, result))
                 tracker.log_artifact(out, f"eval/{variant}/{suite}")
-            print(f"evaluate {variant}/{suite}: {json.dumps(headline(suite, result))}")
+            print(f"evaluate {name}/{suite}: {json.dumps(headline(suite, result))}")
             results[suite] = result
     return results
 

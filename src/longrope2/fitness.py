@@ -45,12 +45,17 @@ def set_long_rope(model: nn.Module, scaling: RopeScaling) -> None:
         rotary.attention_scaling = float(scaling.attention_factor)
 
 
-def needle_fitness(model: nn.Module, samples: Sequence[NeedleSample], batch_size: int = 1) -> dict[str, float]:
-    """needle_ppl = exp(mean over samples of the mean NLL over answer tokens), and exact match."""
+def needle_fitness(model: nn.Module, samples: Sequence[NeedleSample], batch_size: int = 1,
+                   per_sample: bool = False) -> dict[str, Any]:
+    """needle_ppl = exp(mean over samples of the mean NLL over answer tokens), and exact match;
+    per_sample: also "correct", 0/1 per sample in order (for paired comparisons across models)."""
     if not samples:
         raise ValueError("needle_fitness needs at least one sample")
     nll, em = needle_sample_losses(model, samples, batch_size)
-    return {"needle_ppl": math.exp(sum(nll) / len(nll)), "exact_match": sum(em) / len(em)}
+    out: dict[str, Any] = {"needle_ppl": math.exp(sum(nll) / len(nll)), "exact_match": sum(em) / len(em)}
+    if per_sample:
+        out["correct"] = [int(x) for x in em]
+    return out
 
 
 def plain_ppl(model: nn.Module, input_ids: Tensor, batch_size: int = 1, chunk: int = 1024) -> float:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from longrope2 import corpus, toy
+from longrope2 import corpus, methods, toy
 from longrope2.config import ConfigError, run_dir
 from longrope2.needle import NeedleSample, NeedleTemplate, template_for, unstack_samples
 
@@ -24,12 +24,26 @@ def eval_variants(cfg: DictConfig) -> list[str]:
     return [BASE, *(str(m) for m in cfg.methods)]
 
 
-def eval_dir(cfg: DictConfig, variant: str, suite: str, seed: int | None = None) -> Path:
+def eval_dir(cfg: DictConfig, variant: str, suite: str, seed: int | None = None, training_free: bool = False) -> Path:
     """Where stage evaluate writes one (variant, suite): <out_dir>/eval/base/<suite> for the base model
-    (shared by every seed), <out_dir>/seed<k>/eval/<method>/<suite> for a fine-tuned one (k: seed, or run_seed)."""
+    (shared by every seed), <out_dir>/seed<k>/eval/<method>/<suite> for a fine-tuned one (k: seed, or run_seed),
+    <out_dir>/seed<k>/eval_training_free/<method>/<suite> for the method's factors on the base, not fine-tuned."""
     if variant == BASE:
         return Path(cfg.out_dir) / "eval" / variant / suite
-    return run_dir(cfg, seed) / "eval" / variant / suite
+    return run_dir(cfg, seed) / ("eval_training_free" if training_free else "eval") / variant / suite
+
+
+def search_result(cfg: DictConfig, method: str, seed: int | None = None) -> dict[str, Any] | None:
+    """result.json of the search a method takes its factors (or critical dim) from; None for a closed-form
+    method. A missing file is a ConfigError naming it."""
+    search = methods.spec(method).search
+    if search is None:
+        return None
+    path = run_dir(cfg, seed) / "search" / search / "result.json"
+    if not path.is_file():
+        raise ConfigError(f"method {method!r} takes its factors from search {search!r}: {path} is missing "
+                          "(run stage search first; snakemake does)")
+    return json.loads(path.read_text())
 
 
 def lift_attention_window(config: Any, target_len: int) -> str | None:

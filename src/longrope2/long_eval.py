@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from longrope2.mixed import IGNORE_INDEX, causal_lm_labels, chunked_causal_lm_loss
-from longrope2.needle import NeedleSample, NeedleTemplate, build_needle_sample, needle_scores
+from longrope2.needle import NeedleSample, NeedleTemplate, build_needle_sample, needle_sample_losses
 
 # --------------------------------------------------------------------------- needle grid
 
@@ -40,6 +40,7 @@ class NiahCell:
     runs: int
     exact_match: float  # fraction of runs whose every answer token is the argmax
     needle_ppl: float  # exp(mean over runs of the mean answer-token NLL)
+    correct: tuple[int, ...] = ()  # per run: 1 = exact match (paired comparisons across models)
 
 
 def _haystack_streams(haystack_ids: Sequence[Tensor] | Tensor) -> list[Tensor]:
@@ -170,9 +171,10 @@ def niah_grid(
         cell = samples[(length, depth)]
         if not cell:
             raise ValueError(f"niah cell (length={length}, depth={depth}) has no samples")
-        scores = needle_scores(model, cell, batch_size)
+        nll, em = needle_sample_losses(model, cell, batch_size)
         cells.append(NiahCell(length=int(length), depth=float(depth), runs=len(cell),
-                              exact_match=float(scores["exact_match"]), needle_ppl=float(scores["needle_ppl"])))
+                              exact_match=sum(em) / len(em), needle_ppl=math.exp(sum(nll) / len(nll)),
+                              correct=tuple(int(x) for x in em)))
     return cells
 
 
@@ -196,7 +198,8 @@ def niah_table(cells: Sequence[NiahCell]) -> dict:
     """JSON-ready table: rows are depths (ascending), columns lengths (ascending).
 
     {"lengths": [L...], "depths": [d...], "runs": [[...]], "exact_match": [[...] per depth row],
-    "needle_ppl": [[...]], "mean_by_length": {"L": mean exact match over the depths}}.
+    "needle_ppl": [[...]], "mean_by_length": {"L": mean exact match over the depths},
+    "correct": {"L": [0/1 per sample, depths ascending, runs in order]} (for paired comparisons)}.
     Missing cells and non-finite values are None; mean_by_length keys are strings (JSON).
     """
     if not cells:
@@ -215,6 +218,8 @@ def niah_table(cells: Sequence[NiahCell]) -> dict:
         "exact_match": [[_json_float(v) for v in row] for row in em],
         "needle_ppl": [[_json_float(v) for v in row] for row in ppl],
         "mean_by_length": mean_by_length,
+        "correct": {str(L): [x for c in sorted(cells, key=lambda c: c.depth) if c.length == L for x in c.correct]
+                    for L in lengths},
     }
 
 

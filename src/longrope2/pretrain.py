@@ -68,8 +68,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         with atomic_dir(model_dir) as scratch:
             model.save_pretrained(scratch)
             tokenizer.save_pretrained(scratch)
+        steps = next(a["steps"] for a in attempts if a["seed"] == seed_used)
         report = {
             "seed": seed_used,
+            # The chosen base's training tokens: what the fine-tuning budget is a share of (the regime).
+            "pretrain_tokens": toy.pretrain_tokens(settings, steps),
+            "pretrain_steps": steps,
             "wall_s": wall_s,
             "metrics": gate,
             "attempts": attempts,

@@ -18,6 +18,7 @@ Out: <out_dir>/report/: report.md (every table, the figures), each table as .md,
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.resources
 import json
 import shutil
@@ -30,8 +31,8 @@ matplotlib.use("Agg")
 import yaml  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from longrope2 import methods, rope, ruler, tables  # noqa: E402
-from longrope2.config import ConfigError, hydra_stage, run_dir  # noqa: E402
+from longrope2 import claims, methods, rope, ruler, tables  # noqa: E402
+from longrope2.config import ConfigError, finetune_tokens, hydra_stage, run_dir, to_dict  # noqa: E402
 from longrope2.inputs import BASE, eval_dir, eval_variants  # noqa: E402
 from longrope2.outputs import atomic_dir, save_figure  # noqa: E402
 from longrope2.tracking import stage_run  # noqa: E402
@@ -62,23 +63,120 @@ def seeds(cfg: DictConfig) -> list[int]:
     return [int(k) for k in cfg.seeds]
 
 
+def _evaluated(cfg: DictConfig) -> list[tuple[str, str, bool]]:
+    """(suite, variant, training-free) of every evaluation the experiment runs."""
+    out = [(suite, variant, False) for suite in cfg.eval.suites for variant in eval_variants(cfg)]
+    return out + [(suite, str(m), True) for suite in cfg.eval.training_free_suites for m in cfg.methods]
+
+
 def load_results(cfg: DictConfig) -> dict[str, dict[str, dict[str, Any]]]:
-    """suite -> variant -> result (a fine-tuned variant's: its mean over the seeds); every (variant, suite,
-    seed) of the experiment must exist."""
+    """suite -> variant -> result (a fine-tuned variant's: its mean over the seeds; a method's training-free
+    result under "<method> (training-free)"); every (variant, suite, seed) of the experiment must exist."""
     results: dict[str, dict[str, dict[str, Any]]] = {}
     missing = []
-    for suite in cfg.eval.suites:
-        for variant in eval_variants(cfg):
-            paths = [eval_dir(cfg, variant, suite, k) / f"{suite}.json" for k in seeds(cfg)]
-            paths = list(dict.fromkeys(paths))  # the base: one path for every seed
-            absent = [str(p) for p in paths if not p.is_file()]
-            if absent:
-                missing += absent
-                continue
-            results.setdefault(suite, {})[variant] = tables.mean_over_seeds([json.loads(p.read_text()) for p in paths])
+    for suite, variant, free in _evaluated(cfg):
+        paths = [eval_dir(cfg, variant, suite, k, training_free=free) / f"{suite}.json" for k in seeds(cfg)]
+        paths = list(dict.fromkeys(paths))  # the base: one path for every seed
+        absent = [str(p) for p in paths if not p.is_file()]
+        if absent:
+            missing += absent
+            continue
+        name = claims.training_free(variant) if free else variant
+        results.setdefault(suite, {})[name] = tables.mean_over_seeds([json.loads(p.read_text()) for p in paths])
     if missing:
         raise ConfigError(f"report: evaluation results missing (run stage evaluate first): {', '.join(missing)}")
     return results
+
+
+def _label(n: int) -> str:
+    return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def paired_outcomes(cfg: DictConfig) -> tuple[dict[tuple[str, str], list[int]], dict[str, str]]:
+    """Per-sample outcomes of every evaluated model, pooled over seeds (seed k's samples follow seed k-1's; the
+    base, one model, is repeated beside each seed), and the evidence names: "niah_L" (the needle grid at the
+    target length), "niah_beyond" (at 2 L), "heldout_L" (the held-out needle set at L, stage train's check),
+    "heldout_short" (the same at L_train), "short:<task>" (the short suite's accuracy tasks)."""
+    target, train_len = int(cfg.target_len), int(cfg.model.train_len)
+    names = {"niah_L": f"NIAH {_label(target)}", "niah_beyond": f"NIAH {_label(2 * target)}",
+             "heldout_L": f"held-out {_label(target)}", "heldout_short": f"held-out {_label(train_len)}"}
+    # the short suite's accuracy tasks (lm-eval, within the window): "short:<task>"
+    short_tasks = [str(t.name) for t in cfg.eval.short.tasks] if "short" in cfg.eval.suites else []
+    names |= {f"short:{t}": f"{t} (short suite)" for t in short_tasks}
+    lengths = {"niah_L": str(target), "niah_beyond": str(2 * target)}
+    out: dict[tuple[str, str], list[int]] = {}
+
+    def add(variant: str, evidence: str, flags: list[int] | None) -> None:
+        if flags:
+            out.setdefault((variant, names[evidence]), []).extend(flags)
+
+    def add_short(variant: str, result: dict[str, Any] | None) -> None:
+        for t in short_tasks:
+            add(variant, f"short:{t}", ((result or {}).get("tasks", {}).get(t) or {}).get("correct"))
+
+    base_niah = _read(eval_dir(cfg, BASE, "niah") / "niah.json") if "niah" in cfg.eval.suites else None
+    base_short = _read(eval_dir(cfg, BASE, "short") / "short.json") if short_tasks else None
+    for k in seeds(cfg):
+        add_short(BASE, base_short)
+        for key, length in lengths.items():
+            add(BASE, key, ((base_niah or {}).get("correct") or {}).get(length))
+        base_heldout = None
+        for m in map(str, cfg.methods):
+            for free in (False, True):
+                if free and "niah" not in cfg.eval.training_free_suites or not free and "niah" not in cfg.eval.suites:
+                    continue
+                niah = _read(eval_dir(cfg, m, "niah", k, training_free=free) / "niah.json") or {}
+                for key, length in lengths.items():
+                    add(claims.training_free(m) if free else m, key, (niah.get("correct") or {}).get(length))
+            if short_tasks:
+                add_short(m, _read(eval_dir(cfg, m, "short", k) / "short.json"))
+            validation = _read(run_dir(cfg, k) / "train" / m / "validation.json") or {}
+            for key, split in (("heldout_L", "validation"), ("heldout_short", "validation_short")):
+                add(m, key, validation.get("tuned", {}).get(split, {}).get("correct"))
+            base_heldout = base_heldout or validation.get("base")
+        for key, split in (("heldout_L", "validation"), ("heldout_short", "validation_short")):
+            add(BASE, key, (base_heldout or {}).get(split, {}).get("correct"))
+    return out, names
+
+
+def claim_comparisons(cfg: DictConfig) -> list[claims.Comparison]:
+    """The paper's claims this run can test (longrope2.claims), each classified by its paired intervals."""
+    outcomes, names = paired_outcomes(cfg)
+    ran = [str(m) for m in cfg.methods]
+    at_l, beyond = [names["niah_L"], names["heldout_L"]], [names["niah_beyond"]]
+    found = []
+    for k in seeds(cfg):
+        result = _read(run_dir(cfg, k) / "search" / "longrope2" / "result.json")
+        if result is not None:
+            found.append(result)
+    comparisons = (
+        claims.table2(outcomes, ran, at_l, "Table 2 ordering, fine-tuned, at L")
+        + claims.table2(outcomes, ran, beyond, "Table 2 ordering, fine-tuned, beyond L (2 L)")
+        + claims.table2(outcomes, ran, at_l, "Table 2 ordering before fine-tuning, at L (our addition)", True)
+        + claims.table2(outcomes, ran, beyond, "Table 2 ordering before fine-tuning, beyond L (our addition)", True)
+        + claims.retention(outcomes, ran, [names["heldout_short"]]
+                           + [v for key, v in names.items() if key.startswith("short:")])
+        + claims.ablations(outcomes, ran, names["niah_L"], names["heldout_short"],
+                           "add its methods to `methods`, e.g. experiment=toy_ablations")
+        + claims.critical_dim(found)
+    )
+    return comparisons
+
+
+def regime_line(cfg: DictConfig) -> str:
+    """The fine-tuning budget as a share of the base's pretraining tokens (the paper: 10B of 15T, ~0.07 %)."""
+    data = to_dict(cfg)
+    tokens = finetune_tokens(data)
+    gate = _read(Path(cfg.out_dir) / "pretrain" / "gate.json")
+    base = (gate or {}).get("pretrain_tokens") or cfg.model.pretrain_tokens
+    if not base:
+        return f"Fine-tuning: {tokens:,} tokens (the base's pretraining tokens are unknown: model.pretrain_tokens)."
+    return (f"Fine-tuning: {tokens:,} tokens = {100 * tokens / int(base):.2f} % of the base's {int(base):,} "
+            "pretraining tokens (the paper: 10B of LLaMA3-8B's 15T, ~0.07 %).")
 
 
 def ablation_tables(cfg: DictConfig, results: dict[str, dict[str, dict[str, Any]]],
@@ -104,8 +202,8 @@ def ablation_tables(cfg: DictConfig, results: dict[str, dict[str, dict[str, Any]
 
 
 def build_tables(cfg: DictConfig, results: dict[str, dict[str, dict[str, Any]]],
-                 paper: dict[str, Any]) -> list[tables.Table]:
-    out = []
+                 paper: dict[str, Any], comparisons: list[claims.Comparison] | None = None) -> list[tables.Table]:
+    out = [claims.summary_table(comparisons), claims.detail_table(comparisons)] if comparisons else []
     table2 = str(cfg.report.table2_suite)
 
     def at_target(suite: str) -> int | None:
@@ -120,8 +218,13 @@ def build_tables(cfg: DictConfig, results: dict[str, dict[str, dict[str, Any]]],
         out.append(tables.short_tasks(results["short"], paper.get("table4")))
     if "longbench" in results:
         out.append(tables.longbench(results["longbench"]))
-    if "niah" in results:
-        out.append(tables.niah_by_length(results["niah"], at_target("niah")))
+    if "niah" in results:  # the paper's ordering: paired comparisons in the claims tables, not here
+        niah = tables.niah_by_length(results["niah"], None)
+        if table2 == "niah":
+            niah = dataclasses.replace(niah, title=niah.title + ", this experiment's Table 2", notes=[
+                "The paper's Table 2 ordering, fine-tuned and training-free: paired comparisons in claims.md and "
+                "claims_detail.md."])
+        out.append(niah)
     if "ppl" in results:
         out.append(tables.perplexity_by_length(results["ppl"]))
     return out + ablation_tables(cfg, results, paper)
@@ -202,7 +305,8 @@ def seed_line(cfg: DictConfig) -> str:
 def report_markdown(cfg: DictConfig, built: list[tables.Table], figures: list[str]) -> str:
     lines = [f"# {cfg.experiment_name}: LongRoPE2 evaluation report", "",
              f"Model: {cfg.model.name} ({cfg.model.path}); L_train {cfg.model.train_len} -> L {cfg.target_len}; "
-             f"{seed_line(cfg)}. Variants: {', '.join(eval_variants(cfg))} (base = original RoPE).", ""]
+             f"{seed_line(cfg)}. Variants: {', '.join(eval_variants(cfg))} (base = original RoPE; "
+             "'(training-free)': a method's factors on the base, not fine-tuned).", "", regime_line(cfg), ""]
     if cfg.report.paper is None:
         lines += ["No paper numbers beside these (report.paper is null: the paper has no toy).", ""]
     for table in built:
@@ -216,11 +320,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     results = load_results(cfg)
     paper = paper_numbers(cfg.report.paper)
     with stage_run(cfg, "report") as tracker:
-        built = build_tables(cfg, results, paper)
+        comparisons = claim_comparisons(cfg)
+        built = build_tables(cfg, results, paper, comparisons)
         with atomic_dir(out) as scratch:
             for name, text in tables.render_all(built).items():
                 (scratch / name).write_text(text)
             figures = []
+            if any(c.result is not None for c in comparisons):
+                fig = claims.plot_intervals(comparisons, f"The paper's claims, {cfg.experiment_name}")
+                save_figure(fig, scratch / "claims.png")
+                figures.append("claims.png")
             if "ruler" in results:
                 plot_ruler_by_length(results["ruler"], paper, cfg, scratch / "ruler_by_length.png")
                 figures.append("ruler_by_length.png")

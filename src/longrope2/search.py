@@ -329,14 +329,16 @@ def baselines(facts: RopeFacts, target_len: int, dims: dict[str, Any]) -> dict[s
 
 
 def validate_methods(model: torch.nn.Module, scalings: dict[str, RopeScaling], sets: dict[str, list[NeedleSample]],
-                     batch_size: int) -> dict[str, dict[str, float]]:
-    out: dict[str, dict[str, float]] = {}
+                     batch_size: int) -> dict[str, dict[str, Any]]:
+    """Per method and split: needle-PPL, exact match and the per-sample outcomes (`<split>_correct`)."""
+    out: dict[str, dict[str, Any]] = {}
     for name, scaling in tqdm(scalings.items(), desc="validation", leave=False):
         fitness.set_long_rope(model, scaling)
-        row: dict[str, float] = {}
+        row: dict[str, Any] = {}
         for split, samples in sets.items():
-            scores = fitness.needle_fitness(model, samples, batch_size)
-            row |= {f"{split}_needle_ppl": scores["needle_ppl"], f"{split}_exact_match": scores["exact_match"]}
+            scores = fitness.needle_fitness(model, samples, batch_size, per_sample=True)
+            row |= {f"{split}_needle_ppl": scores["needle_ppl"], f"{split}_exact_match": scores["exact_match"],
+                    f"{split}_correct": scores["correct"]}
         out[name] = row
     return out
 

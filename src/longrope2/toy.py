@@ -335,6 +335,11 @@ def heldout_samples(
 # --------------------------------------------------------------------------- training
 
 
+def pretrain_tokens(s: ToyPretrainSettings, steps: int) -> int:
+    """Tokens a base trained on in `steps` steps (every position of every row, as a fine-tuning row counts)."""
+    return int(steps) * s.batch_size * s.seq_len
+
+
 def _lr_at(step: int, s: ToyPretrainSettings) -> float:
     """Linear warmup, then cosine from lr to lr * min_lr_ratio at max_steps."""
     if step < s.warmup_steps:

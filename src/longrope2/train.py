@@ -425,7 +425,7 @@ def validate(cfg: DictConfig, model_dir: Path, device: torch.device) -> dict[str
         lm.to(device).eval()
         for split, samples in chosen.items():
             out.setdefault(name, {})[split] = {"length": samples[0].length, "samples": len(samples),
-                                               **needle_fitness(lm, samples, batch)}
+                                               **needle_fitness(lm, samples, batch, per_sample=True)}
         del lm
     if "validation_short" in chosen:
         base_em = out["base"]["validation_short"]["exact_match"]

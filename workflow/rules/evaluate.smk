@@ -103,3 +103,51 @@ rule evaluate:
             "evaluate",
             extra="eval.variant={wildcards.variant} 'eval.suite={params.suites}' run_seed={wildcards.seed}",
         )
+
+
+# Training-free: each method's factors on the base model, not fine-tuned (eval.training_free_suites; the
+# report's Table 2 shows them beside the fine-tuned rows). One job per method runs all those suites.
+TRAINING_FREE_SUITES = list(CFG.eval.training_free_suites)
+TRAINING_FREE_EVAL_DIR = f"{SEED_OUT}/eval_training_free/{{variant}}"
+TRAINING_FREE_EVALUATIONS = expand(
+    f"{TRAINING_FREE_EVAL_DIR}/{{suite}}", variant=METHODS, suite=TRAINING_FREE_SUITES, seed=SEEDS
+)
+
+
+def training_free_inputs(wildcards):
+    """The eval data, the base model and the search result the method's factors (or critical dim) come from."""
+    inputs = {"data": rules.eval_data.output[0]}
+    if PRETRAIN:
+        inputs["model"] = rules.pretrain.output.model
+    search = method_spec(wildcards.variant).search
+    if search is not None:
+        inputs["search"] = expand(rules.search.output.result, search=search, seed=wildcards.seed)
+    if "short" in TRAINING_FREE_SUITES:
+        inputs["base_short"] = f"{BASE_EVAL_DIR}/short"
+    return inputs
+
+
+if TRAINING_FREE_SUITES:
+
+    rule evaluate_training_free:
+        input:
+            unpack(training_free_inputs),
+        output:
+            [directory(f"{TRAINING_FREE_EVAL_DIR}/{suite}") for suite in TRAINING_FREE_SUITES],
+        log:
+            f"{SEED_LOGS}/evaluate-{{variant}}-training_free.log",
+        wildcard_constraints:
+            variant="|".join(METHODS),
+            seed=seed_constraint(),
+        params:
+            cfg=stage_params("eval", "model", "target_len", "seed"),
+            suites="[" + ",".join(TRAINING_FREE_SUITES) + "]",
+        threads: CFG.resources.evaluate.cpus
+        resources:
+            **rule_resources("evaluate"),
+        shell:
+            stage_cmd(
+                "evaluate",
+                extra="eval.variant={wildcards.variant} 'eval.suite={params.suites}' eval.training_free=true "
+                "run_seed={wildcards.seed}",
+            )

@@ -5,6 +5,7 @@ rule report:
     input:
         base_evaluations=BASE_EVALUATIONS,
         evaluations=EVALUATIONS,
+        training_free=TRAINING_FREE_EVALUATIONS,
         train=expand(rules.train.output, method=METHODS, seed=SEEDS),
         search=expand(rules.search.output.factors, search=SEARCHES, seed=SEEDS),
         critical_dim=rules.critical_dim.output,
@@ -18,8 +19,8 @@ rule report:
     log:
         f"{OUT}/logs/report.log",
     params:
-        cfg=stage_params("report", "methods", "seeds", "eval.suites", "model.name", "model.path", "model.train_len",
-                         "target_len", "seed"),
+        cfg=stage_params("report", "methods", "seeds", "eval.suites", "eval.training_free_suites", "model.name",
+                         "model.path", "model.train_len", "target_len", "seed", "train.length_mix"),
     threads: 1
     resources:
         **rule_resources("report"),
