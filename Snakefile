@@ -17,13 +17,18 @@ include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
 
 
+# finetune = false (e.g. experiment=smollm2_16k): the training-free half only, no fine-tuning and no report.
+FINETUNED_TARGETS = (
+    [expand(rules.train.output, method=METHODS, seed=SEEDS), BASE_EVALUATIONS, EVALUATIONS, rules.report.output]
+    if CFG.finetune
+    else []
+)
+
+
 rule all:
     default_target: True
     input:
         rules.critical_dim.output,
         expand(rules.search.output, search=SEARCHES, seed=SEEDS),
-        expand(rules.train.output, method=METHODS, seed=SEEDS),
-        BASE_EVALUATIONS,
-        EVALUATIONS,
         TRAINING_FREE_EVALUATIONS,
-        rules.report.output,
+        FINETUNED_TARGETS,

@@ -12,7 +12,8 @@ from longrope2.config import (
     to_dict,
 )
 
-EXPERIMENTS = ["toy", "toy_ablations", "toy_seeds", "smoke", "llama3_8b_128k", "phi3_mini_128k", "phi4_mini_128k"]
+EXPERIMENTS = ["toy", "toy_ablations", "toy_seeds", "smoke", "llama3_8b_128k", "phi3_mini_128k", "phi4_mini_128k",
+               "smollm2_16k"]
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -62,7 +63,7 @@ def test_interpolations_follow_overrides():
     [
         (["experiment=nope"],
          "experiment='nope' is not a known experiment; accepted: llama3_8b_128k, phi3_mini_128k, phi4_mini_128k, "
-         "smoke, toy, toy_ablations, toy_seeds"),
+         "smoke, smollm2_16k, toy, toy_ablations, toy_seeds"),
         (["target_len=128"],
          "target_len = 128: accepted: a length > model.train_len = 128"),
         (["experiment=llama3_8b_128k", "target_len=4096"],
@@ -84,7 +85,8 @@ def test_interpolations_follow_overrides():
         (["seeds=[]"], "seeds = []: accepted: a list of at least 1 item"),
         (["seeds=[0,0]"], "seeds = [0, 0]: accepted: a list without repeated items"),
         (["seeds=[0,1]", "run_seed=2"], "run_seed = 2: accepted: null or one of seeds = [0, 1]"),
-        (["model=nope"], "model='nope' is not a known model; accepted: llama3_8b, phi3_mini, phi4_mini, toy"),
+        (["model=nope"],
+         "model='nope' is not a known model; accepted: llama3_8b, phi3_mini, phi4_mini, smollm2_135m, toy"),
         (["search=nope"], "search='nope' is not a known search; accepted: paper, reference"),
         (["search.preset=reference"],
          "search.preset='reference': the preset is the config group `search`; select it with search=reference "
@@ -94,6 +96,14 @@ def test_interpolations_follow_overrides():
         (["search.crossover_base=best"], 'search.crossover_base = "best": accepted: random, better'),
         (["search.initial_population=4"], "search.initial_population = 4: accepted: null or >= search.parents = 16"),
         (["search.c_range=[30,24]"], "search.c_range = [30, 24]: accepted: null or [lo, hi] with lo <= hi"),
+        # the first population holds a seed per c in [d10_tcd, d_tcd], known before any data or model loads
+        (["experiment=phi3_mini_128k", "model.train_len=256", "target_len=2048", "search.population=6",
+          "search.parents=4", "search.mutants=1", "search.crossovers=1"],
+         "search.population = 6: accepted: >= 13, the first population holds every seed (one seed per c in c = "
+         "[8, 20]: d10_tcd = 8, d_tcd = 20 of model.head_dim 96, model.rope_theta 10000, L_train 256 -> L 2048)"),
+        (["experiment=llama3_8b_128k", "search=reference", "search.initial_population=7"],
+         "search.initial_population = 7: accepted: >= 8, the first population holds every seed (8 staircase seeds "
+         "per c in c = [34, 34]"),
         # the paper's regime: the toy fine-tunes on at most 10 % of its base's pretraining tokens
         (["train.length_mix=[{max_len:128,tokens:400000},{max_len:1024,tokens:800000}]"],
          "train.length_mix = 1200000 fine-tuning tokens: accepted: at most train.max_pretrain_share = 0.1 x "

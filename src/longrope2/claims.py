@@ -121,12 +121,13 @@ def ablations(outcomes: Outcomes, methods: Sequence[str], long_evidence: str, sh
 
 
 def critical_dim(search_results: Sequence[Mapping[str, Any]]) -> list[Comparison]:
-    """The critical-dim finding, once per seed's longrope2 search: c <= d_tcd; every λ_i for i >= c above s."""
+    """The critical-dim finding, once per seed's longrope2 search: c <= d_tcd; every λ_i for i >= c at least s (the
+    search's bound is inclusive: a tail value of exactly s is in the space)."""
     if not search_results:
         return []
     claim = "§3, critical dimension"
     below = [int(r["critical_dim"]) <= int(r["d_tcd"]) for r in search_results]
-    above = [min(r["long_factor"][int(r["critical_dim"]):], default=float("inf")) > float(r["s"])
+    above = [min(r["long_factor"][int(r["critical_dim"]):], default=float("inf")) >= float(r["s"]) * (1 - 1e-12)
              for r in search_results]
     detail = "; ".join(f"c = {r['critical_dim']}, d_tcd = {r['d_tcd']}, min λ from c = "
                        f"{min(r['long_factor'][int(r['critical_dim']):], default=float('nan')):.2f}, s = {r['s']:g}"
@@ -134,7 +135,7 @@ def critical_dim(search_results: Sequence[Mapping[str, Any]]) -> list[Comparison
     n = len(search_results)
     return [Comparison(claim, "searched c ≤ d_tcd", f"{n} search(es)", stats.classify_seeds(below), None,
                        f"{sum(below)} of {n} seeds: {detail}"),
-            Comparison(claim, "λ_i > s for every i ≥ c", f"{n} search(es)", stats.classify_seeds(above), None,
+            Comparison(claim, "λ_i ≥ s for every i ≥ c", f"{n} search(es)", stats.classify_seeds(above), None,
                        f"{sum(above)} of {n} seeds")]
 
 

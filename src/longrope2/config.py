@@ -173,10 +173,14 @@ def semantic_errors(data: Mapping[str, Any]) -> list[str]:
     if free:
         lines.append(f"eval.training_free_suites = {json.dumps(data['eval']['training_free_suites'])}: accepted: "
                      f"suites of eval.suites ({', '.join(data['eval']['suites'])})")
+    if not data["finetune"] and not data["eval"]["training_free_suites"]:
+        lines.append("finetune = false: accepted with eval.training_free_suites set (e.g. [niah]): without "
+                     "fine-tuning the training-free evaluations are the experiment's results")
     lines += _search_errors(data)
     lines += _length_mix_errors(data)
     lines += _train_errors(data)
     lines += _regime_errors(data)
+    lines += _backend_errors(data)
     return lines
 
 
@@ -197,6 +201,22 @@ def min_pretrain_tokens(data: Mapping[str, Any]) -> int | None:
         return None
     first_check = max(-(-p["warmup_copy_steps"] // p["eval_every"]), 1) * p["eval_every"]
     return min(first_check, p["max_steps"]) * p["batch_size"] * model["train_len"]
+
+
+def _backend_errors(data: Mapping[str, Any]) -> list[str]:
+    """eval.backend = vllm: GPUs for the evaluate rule, and jobs of one lm-eval suite (backends.job_error)."""
+    from longrope2 import backends  # imports this module
+
+    e = data["eval"]
+    if e.get("backend", "hf") != "vllm":
+        return []
+    gpus = data["resources"]["evaluate"]["gpu"]
+    lines = [] if gpus >= 1 else [f"resources.evaluate.gpu = {gpus} with eval.backend = vllm: accepted: >= 1"]
+    jobs = [("eval.suites", list(e["suites"]))] if e["jobs"] == "per_variant" else []
+    for key, suites in [*jobs, ("eval.training_free_suites", list(e["training_free_suites"]))]:
+        error = backends.job_error("vllm", suites, key)
+        lines += [error] if error else []
+    return lines
 
 
 def _regime_errors(data: Mapping[str, Any]) -> list[str]:
@@ -247,7 +267,42 @@ def _search_errors(data: Mapping[str, Any]) -> list[str]:
     if gpus and s["processes"] != gpus:
         lines.append(f"search.processes = {s['processes']}: accepted: resources.search.gpu = {gpus} "
                      "(one search process per GPU)")
-    return lines
+    return lines + _first_population_errors(data)
+
+
+STAIRCASE_SEEDS = 8  # evolution.initial_population's staircase_levels: seeds per c of the reference layout
+
+
+def _first_population_errors(data: Mapping[str, Any]) -> list[str]:
+    """The first population holds every seed (one per c, or 8 staircase seeds per c, over the c range the
+    model's critical dims give): known from the declared RoPE facts, so it fails here, not after the data."""
+    from longrope2 import rope
+    from longrope2.methods import searches_for
+
+    s, model = data["search"], data["model"]
+    rotary = model["head_dim"] * model["partial_rotary_factor"]
+    if (not searches_for(data["methods"]) or (s["c_range"] is not None and s["c_range"][0] > s["c_range"][1])
+            or abs(rotary - round(rotary)) > 1e-9 or round(rotary) % 2 or data["target_len"] <= model["train_len"]):
+        return []  # nothing to search, or the keys it rests on are reported on their own
+    dims = rope.critical_dim_report(int(model["head_dim"]), float(model["rope_theta"]), int(model["train_len"]),
+                                    int(data["target_len"]), float(model["partial_rotary_factor"]))
+    if s["c_range"] is not None:
+        lo, hi = (int(c) for c in s["c_range"])
+    elif s["preset"] == "reference":
+        lo = hi = dims["d_tcd"] - 1
+    else:
+        lo, hi = dims["d10_tcd"], dims["d_tcd"]
+    per_range = 1 if s["critical_dim_mode"] == "per_c" else hi - lo + 1
+    seeds = per_range * (1 if s["initial"] == "alg1" else STAIRCASE_SEEDS)
+    first = s["population"] if s["initial_population"] is None else s["initial_population"]
+    if first >= seeds:
+        return []
+    key = "search.population" if s["initial_population"] is None else "search.initial_population"
+    per_c = "one seed per c" if s["initial"] == "alg1" else f"{STAIRCASE_SEEDS} staircase seeds per c"
+    return [f"{key} = {first}: accepted: >= {seeds}, the first population holds every seed ({per_c} in c = "
+            f"[{lo}, {hi}]: d10_tcd = {dims['d10_tcd']}, d_tcd = {dims['d_tcd']} of model.head_dim "
+            f"{model['head_dim']}, model.rope_theta {model['rope_theta']:g}, L_train {model['train_len']} -> "
+            f"L {data['target_len']})"]
 
 
 def _train_errors(data: Mapping[str, Any]) -> list[str]:

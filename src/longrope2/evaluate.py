@@ -45,7 +45,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from longrope2 import long_eval, longbench, methods, ruler, tables  # noqa: E402
+from longrope2 import backends, long_eval, longbench, methods, ruler, tables  # noqa: E402
 from longrope2.config import ConfigError, hydra_stage, run_dir  # noqa: E402
 from longrope2.inputs import BASE, eval_dir, load_causal_lm, needle_template, search_result  # noqa: E402
 from longrope2.outputs import atomic_dir, save_figure, write_json  # noqa: E402
@@ -89,22 +89,33 @@ def check_config(cfg: DictConfig) -> tuple[str, list[str]]:
             longbench.check_folder(e.longbench.path, list(e.longbench.tasks))
         except longbench.BenchmarkDataError as err:
             raise ConfigError(f"eval.longbench.path: {err}") from None
+    error = backends.job_error(str(e.backend), suites)
+    if error:
+        raise ConfigError(error)
     return str(e.variant), suites
+
+
+def scaling_for(cfg: DictConfig, method: str, searched: dict[str, Any] | None) -> Callable[[Any], Any]:
+    """config -> the method's RopeScaling on that (original-RoPE) model config (searched: its search's result)."""
+    def scaling(config: Any) -> Any:
+        facts = dataclasses.replace(rope_facts_from_hf_config(config), train_len=int(cfg.model.train_len))
+        return methods.method_scaling(method, facts, int(cfg.target_len), searched)
+
+    return scaling
 
 
 def training_free(cfg: DictConfig, model: Any, method: str, searched: dict[str, Any] | None) -> Any:
     """The base model with a method's RoPE scaling (searched: its search's result.json) and its weights
     untouched: the method before fine-tuning."""
-    facts = dataclasses.replace(rope_facts_from_hf_config(model.config), train_len=int(cfg.model.train_len))
-    return methods.method_scaling(method, facts, int(cfg.target_len), searched).apply_to_model(model)
+    return scaling_for(cfg, method, searched)(model.config).apply_to_model(model)
 
 
-def load_model(path: str, dtype: str, target_len: int) -> tuple[Any, Any]:
+def load_model(path: str, dtype: str, target_len: int, original_rope: bool = False) -> tuple[Any, Any]:
     from transformers import AutoTokenizer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch_dtype = getattr(torch, dtype) if device == "cuda" else torch.float32
-    model = load_causal_lm(path, target_len, dtype=torch_dtype).to(device).eval()
+    model = load_causal_lm(path, target_len, original_rope=original_rope, dtype=torch_dtype).to(device).eval()
     return model, AutoTokenizer.from_pretrained(path)
 
 
@@ -115,6 +126,13 @@ def harness(model: Any, tokenizer: Any, max_length: int, batch_size: int) -> Any
 
     return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
                 add_bos_token=tokenizer.bos_token_id is not None)
+
+
+def suite_harness(cfg: DictConfig, model: Any, tokenizer: Any, suite: str, max_length: int) -> Any:
+    """The lm-eval model a suite runs on: vLLM on a prepared checkpoint (eval.backend = vllm), else HFLM."""
+    if isinstance(model, backends.VllmModel):
+        return backends.vllm_harness(model, cfg, suite, add_bos_token=tokenizer.bos_token_id is not None)
+    return harness(model, tokenizer, max_length, int(cfg.eval.batch_size))
 
 
 def _quiet_lm_eval() -> None:
@@ -152,7 +170,7 @@ def eval_ruler(cfg: DictConfig, model: Any, tokenizer: Any, data: Path, out: Pat
     predictions = []
     if configs:
         budget = max(int(v) for v in r.max_new_tokens.values())
-        lm = harness(model, tokenizer, max(int(x) for x in r.lengths) + budget, int(cfg.eval.batch_size))
+        lm = suite_harness(cfg, model, tokenizer, "ruler", max(int(x) for x in r.lengths) + budget)
         # The task configs are complete: no index of lm-eval's own tasks (~10 s per job).
         result = lm_eval.simple_evaluate(model=lm, tasks=configs, log_samples=True, verbosity="WARNING",
                                          task_manager=TaskManager(include_defaults=False),
@@ -229,8 +247,11 @@ def greedy_generate(model: Any, tokenizer: Any) -> Callable[[str, int], str]:
 
 def eval_longbench(cfg: DictConfig, model: Any, tokenizer: Any, data: Path, out: Path) -> dict[str, Any]:
     b = cfg.eval.longbench
-    return longbench.evaluate_suite(b.path, list(b.tasks), tokenizer, greedy_generate(model, tokenizer),
-                                    int(b.max_length), b.limit)
+    if isinstance(model, backends.VllmModel):  # the engine starts at the first prompt: none when skipped
+        generate = backends.lm_generate(lambda: suite_harness(cfg, model, tokenizer, "longbench", int(b.max_length)))
+    else:
+        generate = greedy_generate(model, tokenizer)
+    return longbench.evaluate_suite(b.path, list(b.tasks), tokenizer, generate, int(b.max_length), b.limit)
 
 
 def toy_task_yaml(task: str, data_file: Path) -> dict[str, Any]:
@@ -259,7 +280,7 @@ def eval_short(cfg: DictConfig, model: Any, tokenizer: Any, data: Path, out: Pat
             if task.startswith("toy_short"):
                 spec = toy_task_yaml(task, (data / "short" / f"{task}.jsonl").resolve())
                 (Path(include) / f"{task}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-        lm = harness(model, tokenizer, int(s.window), int(cfg.eval.batch_size))
+        lm = suite_harness(cfg, model, tokenizer, "short", int(s.window))
         # lm-eval's own tasks (mmlu, ...) need its task index (~10 s to build); the toy's local ones do not.
         own = any(not task.startswith("toy_short") for task in tasks)
         manager = TaskManager(include_path=include, include_defaults=own)
@@ -310,6 +331,41 @@ def headline(suite: str, result: dict[str, Any]) -> dict[str, float]:
     return metrics
 
 
+def load_vllm(cfg: DictConfig, path: str, suite: str, free: bool, searched: dict[str, Any] | None,
+              scratch: Path) -> tuple[backends.VllmModel, Any]:
+    """The checkpoint vLLM loads for the job's one lm-eval suite, and the tokenizer: the base and training-free
+    rows get the RoPE the hf backend applies in-process written into a scratch config.json."""
+    from transformers import AutoTokenizer
+
+    variant = str(cfg.eval.variant)
+    scaling = scaling_for(cfg, variant, searched) if free else None
+    model = backends.prepare_checkpoint(path, int(cfg.target_len), backends.max_model_len(cfg, suite), scratch,
+                                        original_rope=variant == BASE or free, scaling=scaling)
+    for change in model.changes:
+        print(f"{path} for vLLM: {change}")
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def load_variant(cfg: DictConfig, path: str, suites: list[str], free: bool, searched: dict[str, Any] | None,
+                 scratch: Path) -> tuple[Any, Any]:
+    """The model the job's suites run on: a vLLM checkpoint (eval.backend = vllm, an lm-eval suite), else
+    the HF model (the base and the base under a method's factors: the original RoPE, whatever it ships)."""
+    variant = str(cfg.eval.variant)
+    if cfg.eval.backend == "vllm" and suites[0] in backends.LM_EVAL_SUITES:
+        return load_vllm(cfg, path, suites[0], free, searched, scratch)
+    model, tokenizer = load_model(path, str(cfg.model.dtype), int(cfg.target_len),
+                                  original_rope=variant == BASE or free)
+    return (training_free(cfg, model, variant, searched) if free else model), tokenizer
+
+
+def backend_facts(model: Any) -> dict[str, Any]:
+    """What a result records of the loaded model: its rope_type; under vLLM also the backend and the config edits."""
+    if isinstance(model, backends.VllmModel):
+        # no changes: the checkpoint loaded as it is; else a scratch config.json with these edits
+        return {"rope_type": model.rope_type, "backend": "vllm", "vllm_config_changes": list(model.changes)}
+    return {"rope_type": model.config.rope_parameters.get("rope_type", "default")}
+
+
 def run(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     """Every suite of eval.suite on the variant, in turn: one model load, per suite its own output
     folder (complete or absent) and MLflow run."""
@@ -317,13 +373,13 @@ def run(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     path, free = model_dir(cfg, variant), bool(cfg.eval.training_free)
     name = f"{variant} (training-free)" if free else variant
     searched = search_result(cfg, variant) if free else None  # a missing search fails before any model loads
+    if cfg.eval.backend == "vllm" and suites[0] in backends.LM_EVAL_SUITES:
+        backends.check_vllm()  # missing or too old: fails before any model loads
     data = Path(cfg.out_dir) / "eval_data"
     _quiet_lm_eval()
     results: dict[str, dict[str, Any]] = {}
-    with torch_threads(cfg.eval.num_threads):
-        model, tokenizer = load_model(path, str(cfg.model.dtype), int(cfg.target_len))
-        if free:
-            model = training_free(cfg, model, variant, searched)
+    with torch_threads(cfg.eval.num_threads), tempfile.TemporaryDirectory() as checkpoints:
+        model, tokenizer = load_variant(cfg, path, suites, free, searched, Path(checkpoints))
         for suite in suites:
             out = eval_dir(cfg, variant, suite, training_free=free)
             # The experiment's seed (not run_seed) draws the test data: every replicate is scored on the same samples.
@@ -332,7 +388,8 @@ def run(cfg: DictConfig) -> dict[str, dict[str, Any]]:
                 tracker.set_tags({"variant": variant, "suite": suite, "model": path, "training_free": str(free)})
                 with atomic_dir(out) as scratch:
                     result = SUITES[suite](cfg, model, tokenizer, data, scratch)
-                    result = {"variant": variant, "suite": suite, "model": path, "training_free": free, **result}
+                    result = {"variant": variant, "suite": suite, "model": path, "training_free": free,
+                              **backend_facts(model), **result}
                     write_json(scratch / f"{suite}.json", result)
                 tracker.log_metrics(headline(suite, result))
                 tracker.log_artifact(out, f"eval/{variant}/{suite}")

@@ -62,14 +62,32 @@ def lift_attention_window(config: Any, target_len: int) -> str | None:
     return f"sliding_window {window} -> null (full attention; target_len = {target_len})"
 
 
-def load_causal_lm(path: str, target_len: int, **kwargs: Any) -> Any:
+def reset_to_original_rope(config: Any) -> str | None:
+    """Drop a RoPE scaling the checkpoint ships with (in place), keeping theta and the rotary share.
+
+    Phi-4-mini-instruct's config.json carries LongRoPE factors to 128k: loaded as it is, the "base" rows
+    (original RoPE, the paper's no-scaling reference) would already be extended. Returns what changed, or None.
+    """
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    rope_type = params.get("rope_type", "default")
+    if rope_type == "default":
+        return None
+    original = {"rope_type": "default", "rope_theta": params["rope_theta"]}
+    if "partial_rotary_factor" in params:
+        original["partial_rotary_factor"] = params["partial_rotary_factor"]
+    config.rope_parameters = original
+    return f"rope_type {rope_type} -> default (the checkpoint's own scaling dropped: the original RoPE)"
+
+
+def load_causal_lm(path: str, target_len: int, original_rope: bool = False, **kwargs: Any) -> Any:
     """AutoModelForCausalLM.from_pretrained(path, **kwargs) with the attention window lifted to cover
-    target_len (lift_attention_window); the loaded config says what was loaded."""
+    target_len (lift_attention_window) and, with original_rope (the base model's rows), any RoPE scaling
+    the checkpoint ships with dropped (reset_to_original_rope); the loaded config says what was loaded."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(path)
-    change = lift_attention_window(config, target_len)
-    if change:
+    changes = [lift_attention_window(config, target_len), reset_to_original_rope(config) if original_rope else None]
+    for change in filter(None, changes):
         print(f"{path}: {change}")
     return AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
 

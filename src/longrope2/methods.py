@@ -8,7 +8,9 @@ from and whether training switches between short and long factors:
   run; LongRoPE-family switch: short factors (ones) up to L_train, long factors beyond;
 - derived (ntk_rcd, yarn_rcd, Table 5): NTK / YaRN re-derived at the critical dim c that the
   longrope2 search found, instead of at d_tcd; static like their parents;
-- longrope2_no_mixed (Table 7): longrope2's factors on every row (short_factor = long_factor).
+- longrope2_no_mixed (Table 7): longrope2's factors on every row (short_factor = long_factor);
+- rule (longrope2_dtcd): LongRoPE2's factor rule at the theoretical critical dim, no search: lambda_i = s
+  from d_tcd, NTK-tied below (the search's `dtcd_rule` baseline); LongRoPE-family switch.
 
 LongRoPE (v1) here: every dim searched by plain perplexity, no NTK tie, short factors all ones (not
 searched): the v1 search space [1, 2s] below d_tcd and [s, 2s] from it, monotone.
@@ -21,13 +23,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from longrope2 import rope
 from longrope2.scaling import RopeFacts, RopeScaling
 
 
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
-    kind: str  # static | searched | derived
+    kind: str  # static | searched | derived | rule
     search: str | None = None  # the search run whose factors (searched) or critical dim (derived) it uses
     search_overrides: Mapping[str, Any] = field(default_factory=dict)  # search.* of that run
     mixed_window: bool = True  # LongRoPE family: short rows on the short factors
@@ -46,6 +49,7 @@ METHOD_SPECS: dict[str, MethodSpec] = {m.name: m for m in (
     MethodSpec("longrope2_plain_ppl", "searched", "longrope2_plain_ppl", {"fitness": "plain_ppl"}),
     MethodSpec("longrope2_no_mixed", "searched", _LR2, mixed_window=False),
     MethodSpec("longrope2_all_dims", "searched", "longrope2_all_dims", {"all_dims": True}),
+    MethodSpec("longrope2_dtcd", "rule"),
 )}
 METHOD_NAMES: tuple[str, ...] = tuple(METHOD_SPECS)
 # The search runs a method can need, and the search.* each one sets (the user's search.* fills the rest).
@@ -57,7 +61,7 @@ SEARCH_NAMES: tuple[str, ...] = tuple(SEARCH_OVERRIDES)
 # The paper's comparisons: table -> methods in row order (the toy default runs Table 2's).
 TABLES: dict[str, tuple[str, ...]] = {
     "2": ("none", "pi", "ntk", "yarn", "longrope", _LR2),
-    "5": ("ntk", "yarn", "ntk_rcd", "yarn_rcd", _LR2),
+    "5": ("ntk", "yarn", "ntk_rcd", "yarn_rcd", "longrope2_dtcd", _LR2),
     "6": ("longrope2_plain_ppl", _LR2),
     "7": ("longrope2_no_mixed", _LR2),
     "10": ("longrope2_all_dims", _LR2),
@@ -87,6 +91,15 @@ def yarn_alpha_at(c: int, rotary_dim: int, base: float, train_len: int) -> float
     return train_len / (2 * math.pi) * base ** (-2 * (c - 0.5) / rotary_dim)
 
 
+def dtcd_rule(facts: RopeFacts, target_len: int) -> RopeScaling:
+    """LongRoPE2's rule at d_tcd (stage critical_dim): lambda = s from d_tcd, lambda_i = s^(i/d_tcd) below it,
+    the default attention factor; short factors ones."""
+    s = rope.extension_ratio(target_len, facts.train_len)
+    d_tcd = rope.critical_dim(facts.rotary_dim, facts.rope_theta, facts.train_len)
+    n = facts.rotary_dim // 2
+    return RopeScaling.longrope2(facts, target_len, tail=[s] * (n - d_tcd), critical_dim=d_tcd)
+
+
 def method_scaling(name: str, facts: RopeFacts, target_len: int,
                    search_result: Mapping[str, Any] | None = None) -> RopeScaling:
     """The RoPE scaling a method fine-tunes and ships with.
@@ -97,6 +110,8 @@ def method_scaling(name: str, facts: RopeFacts, target_len: int,
     m = spec(name)
     if m.kind == "static":
         return RopeScaling.build(m.name, facts, target_len)  # type: ignore[arg-type]
+    if m.kind == "rule":
+        return dtcd_rule(facts, target_len)
     if search_result is None:
         raise ValueError(f"method {name!r} needs the result of search {m.search!r}")
     if m.kind == "derived":

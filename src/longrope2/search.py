@@ -91,7 +91,8 @@ def load_model(cfg: DictConfig, device: torch.device) -> tuple[torch.nn.Module, 
     """The base model (bf16 + SDPA on GPUs, fp32 on CPUs) prepared for in-place RoPE swaps."""
     dtype = getattr(torch, str(cfg.model.dtype)) if device.type == "cuda" else torch.float32
     try:
-        model = load_causal_lm(str(cfg.model.path), int(cfg.target_len), dtype=dtype, attn_implementation="sdpa")
+        model = load_causal_lm(str(cfg.model.path), int(cfg.target_len), original_rope=True, dtype=dtype,
+                               attn_implementation="sdpa")
     except (OSError, ValueError) as err:
         raise ConfigError(f"model.path = {cfg.model.path!r}: cannot load a causal LM there ({err})") from None
     model.to(device).eval()

@@ -65,6 +65,7 @@ from torch import Tensor, nn  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from longrope2 import methods, mixed  # noqa: E402
+from longrope2 import rows as rows_format  # noqa: E402
 from longrope2.config import ConfigError, hydra_stage, run_dir, run_seed, to_dict  # noqa: E402
 from longrope2.fitness import needle_fitness  # noqa: E402
 from longrope2.inputs import load_causal_lm, load_needle_sets, load_tokenizer  # noqa: E402
@@ -98,17 +99,24 @@ def method_scaling(cfg: DictConfig, facts: RopeFacts) -> RopeScaling:
 
 
 class Rows:
-    """The train_data rows, shard by shard (memory-mapped): row j of the whole set by index."""
+    """The train_data rows, shard by shard (tokens memory-mapped): row j of the whole set by index.
+
+    Only the rows a step asks for are read from disk; their position_ids, doc_ids and loss_weight are
+    derived from the stored documents and weight spans (longrope2.rows).
+    """
 
     def __init__(self, folder: Path) -> None:
         meta_path = folder / "train_data.json"
         if not meta_path.is_file():
             raise ConfigError(f"{folder}: no train_data.json; run stage train_data first")
         self.meta = json.loads(meta_path.read_text())
-        self.shards = [torch.load(folder / name, mmap=True, weights_only=True) for name in self.meta["shards"]]
+        if any(str(name).endswith(".pt") for name in self.meta["shards"]):
+            raise ConfigError(f"{folder}: rows in the old dense .pt format; accepted: the compact format "
+                              "(longrope2.rows): rerun stage train_data")
+        self.shards = [rows_format.Shard(folder, name) for name in self.meta["shards"]]
         self.offsets = [0]
         for shard in self.shards:
-            self.offsets.append(self.offsets[-1] + shard["input_ids"].shape[0])
+            self.offsets.append(self.offsets[-1] + len(shard))
         self.length = int(self.meta["target_len"])
 
     def __len__(self) -> int:
@@ -120,8 +128,9 @@ class Rows:
                                                          "is_long")}
         for j in indices:
             s = bisect.bisect_right(self.offsets, j) - 1  # the shard holding row j
+            row = self.shards[s].row(j - self.offsets[s])
             for key in out:
-                out[key].append(self.shards[s][key][j - self.offsets[s]])
+                out[key].append(row[key])
         rows = {k: torch.stack(v) for k, v in out.items()}
         for key in ("input_ids", "position_ids", "doc_ids"):
             rows[key] = rows[key].long()
@@ -177,7 +186,8 @@ class ChunkedLossLM(nn.Module):
 
 def load_base(cfg: DictConfig, attn: str, dtype: torch.dtype) -> tuple[nn.Module, RopeFacts]:
     try:  # the attention window lifted to cover target_len: the exported config keeps it lifted
-        model = load_causal_lm(str(cfg.model.path), int(cfg.target_len), dtype=dtype, attn_implementation=attn)
+        model = load_causal_lm(str(cfg.model.path), int(cfg.target_len), original_rope=True, dtype=dtype,
+                               attn_implementation=attn)
     except (OSError, ValueError, ImportError) as err:
         raise ConfigError(f"model.path = {cfg.model.path!r} (train.attn_implementation = {attn!r}): cannot load "
                           f"a causal LM ({err})") from None
@@ -421,7 +431,8 @@ def validate(cfg: DictConfig, model_dir: Path, device: torch.device) -> dict[str
     batch = int(cfg.train.validation_batch_size)
     out: dict[str, Any] = {}
     for name, path in (("base", str(cfg.model.path)), ("tuned", str(model_dir))):
-        lm = load_causal_lm(path, int(cfg.target_len), dtype=torch.float32 if device.type == "cpu" else None)
+        lm = load_causal_lm(path, int(cfg.target_len), original_rope=name == "base",
+                            dtype=torch.float32 if device.type == "cpu" else None)
         lm.to(device).eval()
         for split, samples in chosen.items():
             out.setdefault(name, {})[split] = {"length": samples[0].length, "samples": len(samples),

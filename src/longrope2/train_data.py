@@ -2,9 +2,11 @@
 
 In:  the tokenizer of model.path, train.length_mix (token budget per length bucket), target_len (L),
      model.train_len (L_train), run_seed, data.train_set and, for the toy, data.corpus (TRAINING split only).
-Out: <out_dir>/seed<k>/train_data/rows-00000.pt, ... (shard_rows rows each): input_ids, position_ids, doc_ids
-     (n, L) int32, loss_weight (n, L) float16, is_long (n,) bool; and train_data.json (rows, tokens and
-     documents per bucket, the shards, L, L_train, seed, source statistics).
+Out: <out_dir>/seed<k>/train_data/rows-00000.tokens.npy + rows-00000.index.npz, ... (shard_rows rows each):
+     input_ids (n, L) uint16 (uint32 for vocabularies >= 65 536 ids), memory-mapped; per row its document
+     lengths, its spans of loss weights != 1 and is_long (longrope2.rows: position_ids, doc_ids and
+     loss_weight are derived on reading); and train_data.json (rows, tokens and documents per bucket, the
+     shards, L, L_train, seed, source statistics).
 
 Buckets: a document belongs to the first bucket of train.length_mix whose max_len >= its length
 (documents longer than the last max_len go to the last bucket: they are cut at L anyway). The first
@@ -44,11 +46,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from longrope2 import mixed, toy
+from longrope2 import rows as rows_format
 from longrope2.config import ConfigError, hydra_stage, run_dir, run_seed
 from longrope2.inputs import corpus_parts, load_tokenizer, needle_template, toy_pretrain_settings
 from longrope2.needle import build_needle_sample
@@ -121,7 +125,12 @@ class RowBuilder:
     def full(self) -> bool:
         return len(self.ids) == self.length
 
+    def encoded(self, dtype: np.dtype) -> rows_format.EncodedRow:
+        """The row as stored (tokens of ``dtype``, documents and weights sparse: see longrope2.rows)."""
+        return rows_format.encode(self.ids, self.weights, self.doc_lengths, self.is_long, dtype)
+
     def tensors(self) -> dict[str, torch.Tensor]:
+        """The dense row (what the train stage reads back from the stored one)."""
         lengths = self.doc_lengths
         positions = (torch.arange(self.length) if self.is_long else mixed.document_position_ids(lengths))
         doc_ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
@@ -132,14 +141,14 @@ class RowBuilder:
 
 
 class ShardWriter:
-    """Rows into rows-00000.pt, rows-00001.pt, ... of ``shard_rows`` rows each."""
+    """Rows into shards rows-00000, rows-00001, ... of ``shard_rows`` rows each (files: longrope2.rows)."""
 
     def __init__(self, folder: Path, shard_rows: int) -> None:
         self.folder, self.shard_rows = folder, shard_rows
-        self.buffer: list[dict[str, torch.Tensor]] = []
+        self.buffer: list[rows_format.EncodedRow] = []
         self.shards: list[str] = []
 
-    def add(self, row: dict[str, torch.Tensor]) -> None:
+    def add(self, row: rows_format.EncodedRow) -> None:
         self.buffer.append(row)
         if len(self.buffer) >= self.shard_rows:
             self.flush()
@@ -147,8 +156,8 @@ class ShardWriter:
     def flush(self) -> None:
         if not self.buffer:
             return
-        name = f"rows-{len(self.shards):05d}.pt"
-        torch.save({k: torch.stack([r[k] for r in self.buffer]) for k in self.buffer[0]}, self.folder / name)
+        name = f"rows-{len(self.shards):05d}"
+        rows_format.write_shard(self.folder, name, self.buffer)
         self.shards.append(name)
         self.buffer = []
 
@@ -376,10 +385,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     with stage_run(cfg, "train_data", per_seed=True) as tracker:
         with atomic_dir(out) as scratch:
             writer = ShardWriter(scratch, int(ts.shard_rows))
+            dtype = rows_format.token_dtype(len(tokenizer))
             with tqdm(total=sum(b.rows for b in buckets), desc="train_data rows", mininterval=2.0,
                       dynamic_ncols=True) as bar:
                 for _, row in rows:
-                    writer.add(row.tensors())
+                    writer.add(row.encoded(dtype))
                     bar.update(1)
             writer.flush()
             if ts.source == "corpora":

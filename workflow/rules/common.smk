@@ -32,6 +32,7 @@ PRETRAIN = bool(CFG.model.pretrain.enabled)
 # their factors (critical dim) from a search run (wildcard {search}), e.g. longrope -> search/longrope.
 METHODS = list(CFG.methods)
 SEARCHES = searches_for(METHODS)
+SEARCHES += [s for s in CFG.searches if s not in SEARCHES]  # runs no method needs (config `searches`)
 # Evaluated: the original model (BASE_VARIANT, rule evaluate_base) and every fine-tuned method, per suite.
 EVAL_SUITES = list(CFG.eval.suites)
 

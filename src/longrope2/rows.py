@@ -1,0 +1,129 @@
+"""Compact storage of train_data rows: tokens in memory-mapped .npy shards, the rest sparse.
+
+A shard ``rows-NNNNN`` is two files:
+- ``rows-NNNNN.tokens.npy``: input_ids (n, L), uint16 when the vocabulary has < 65 536 ids, else uint32;
+- ``rows-NNNNN.index.npz``: is_long (n,) bool; doc_lengths (flat uint32) with doc_offsets (n + 1,) int64,
+  the documents of row i being doc_lengths[doc_offsets[i]:doc_offsets[i + 1]]; loss-weight spans
+  span_start, span_end (flat uint32, [start, end) token offsets in the row), span_weight (flat float16)
+  with span_offsets (n + 1,) int64: runs of equal weights other than 1 (every other token weighs 1).
+position_ids (restarting per document in short rows, 0 ... L-1 in long ones), doc_ids and loss_weight
+are derived when a row is read, equal to the dense tensors train_data wrote before (tests/test_rows.py).
+
+Why .npy and not Arrow: np.lib.format.open_memmap gives a (n, L) array the reader slices row by row
+without copying the shard, with no dependency beyond numpy; the sparse index is small enough to load whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from longrope2 import mixed
+
+UINT16_VOCAB = 1 << 16
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits (< 65 536), else uint32."""
+    if vocab_size < 1:
+        raise ValueError(f"vocab_size = {vocab_size}: accepted: a positive number of token ids")
+    return np.dtype(np.uint16 if vocab_size <= UINT16_VOCAB else np.uint32)
+
+
+@dataclass
+class EncodedRow:
+    """One row: its tokens, document lengths, (start, end, weight) spans of weights != 1, is_long."""
+
+    ids: np.ndarray
+    doc_lengths: np.ndarray
+    spans: np.ndarray  # (k, 2) uint32 starts/ends
+    span_weights: np.ndarray  # (k,) float16
+    is_long: bool
+
+
+def weight_spans(weights: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Runs of equal float16 weights other than 1: ((k, 2) [start, end), (k,) float16)."""
+    # torch's float -> float16 conversion, as the dense rows had (numpy's could round differently).
+    w = torch.tensor(list(weights), dtype=torch.float16).numpy()
+    special = w != np.float16(1.0)
+    # A run starts where a special token follows a plain one or a different weight.
+    change = np.ones(len(w), dtype=bool)
+    change[1:] = (w[1:] != w[:-1]) | ~special[:-1]
+    starts = np.flatnonzero(special & change)
+    last = np.ones(len(w), dtype=bool)  # a run ends where the next token is plain or weighs differently
+    last[:-1] = (w[1:] != w[:-1]) | ~special[1:]
+    ends = np.flatnonzero(special & last) + 1
+    return np.stack([starts, ends], axis=1).astype(np.uint32).reshape(-1, 2), w[starts]
+
+
+def encode(ids: Sequence[int], weights: Sequence[float], doc_lengths: Sequence[int], is_long: bool,
+           dtype: np.dtype) -> EncodedRow:
+    """A row as stored; ids must fit ``dtype`` (checked: a wrong vocab size must not wrap ids silently)."""
+    arr = np.asarray(ids, dtype=np.int64)
+    if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(dtype).max):
+        raise ValueError(f"token ids in [{arr.min()}, {arr.max()}] do not fit {dtype}; accepted: ids < "
+                         f"the tokenizer's vocabulary size")
+    spans, span_weights = weight_spans(weights)
+    return EncodedRow(arr.astype(dtype), np.asarray(doc_lengths, dtype=np.uint32), spans, span_weights, is_long)
+
+
+def decode(ids: np.ndarray, doc_lengths: np.ndarray, spans: np.ndarray, span_weights: np.ndarray,
+           is_long: bool) -> dict[str, Tensor]:
+    """The dense row train_data used to store: input_ids, position_ids, doc_ids int32, loss_weight float16."""
+    length = len(ids)
+    lengths = [int(n) for n in doc_lengths]
+    positions = torch.arange(length) if is_long else mixed.document_position_ids(lengths)
+    doc_ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths, dtype=torch.long))
+    weight = np.ones(length, dtype=np.float16)
+    for (s, e), w in zip(spans.tolist(), span_weights, strict=True):
+        weight[s:e] = w
+    return {"input_ids": torch.from_numpy(ids.astype(np.int32)), "position_ids": positions.to(torch.int32),
+            "doc_ids": doc_ids.to(torch.int32), "loss_weight": torch.from_numpy(weight),
+            "is_long": torch.tensor(is_long)}
+
+
+def _flat(parts: list[np.ndarray], dtype: type, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    offsets = np.zeros(len(parts) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(p) for p in parts])
+    flat = np.concatenate(parts).astype(dtype) if parts else np.zeros((0,) + shape[1:], dtype=dtype)
+    return flat.reshape((-1,) + shape[1:]), offsets
+
+
+def write_shard(folder: Path, name: str, rows: list[EncodedRow]) -> None:
+    """Rows (of one length and token dtype) as <name>.tokens.npy and <name>.index.npz."""
+    tokens = np.lib.format.open_memmap(folder / f"{name}.tokens.npy", mode="w+", dtype=rows[0].ids.dtype,
+                                       shape=(len(rows), len(rows[0].ids)))
+    for i, r in enumerate(rows):
+        tokens[i] = r.ids
+    tokens.flush()
+    del tokens
+    lengths, doc_offsets = _flat([r.doc_lengths for r in rows], np.uint32, (-1,))
+    spans, span_offsets = _flat([r.spans for r in rows], np.uint32, (-1, 2))
+    weights, _ = _flat([r.span_weights for r in rows], np.float16, (-1,))
+    with (folder / f"{name}.index.npz").open("wb") as f:
+        np.savez(f, is_long=np.array([r.is_long for r in rows], dtype=bool), doc_lengths=lengths,
+                 doc_offsets=doc_offsets, spans=spans, span_weights=weights, span_offsets=span_offsets)
+
+
+class Shard:
+    """One stored shard, tokens memory-mapped: ``row(i)`` reads only row i's tokens from disk."""
+
+    def __init__(self, folder: Path, name: str) -> None:
+        self.tokens = np.load(folder / f"{name}.tokens.npy", mmap_mode="r")
+        with np.load(folder / f"{name}.index.npz") as z:
+            self.index = {k: z[k] for k in z.files}
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+    def row(self, i: int) -> dict[str, Tensor]:
+        x = self.index
+        d0, d1 = x["doc_offsets"][i], x["doc_offsets"][i + 1]
+        s0, s1 = x["span_offsets"][i], x["span_offsets"][i + 1]
+        return decode(np.array(self.tokens[i]), x["doc_lengths"][d0:d1], x["spans"][s0:s1],
+                      x["span_weights"][s0:s1], bool(x["is_long"][i]))
