@@ -116,12 +116,9 @@ def engine_config(path: str, target_len: int, length: int, original_rope: bool,
     with original_rope its own RoPE scaling dropped, scaling(config)'s rope_parameters (training-free: the
     method's RopeScaling on that config), and a max_position_embeddings below `length` raised to it (vLLM
     refuses a max_model_len beyond it)."""
-    from transformers import AutoConfig
+    from longrope2.inputs import prepared_config
 
-    from longrope2.inputs import lift_attention_window, reset_to_original_rope
-
-    config = AutoConfig.from_pretrained(path)
-    changes = [lift_attention_window(config, target_len), reset_to_original_rope(config) if original_rope else None]
+    config, changes = prepared_config(path, target_len, original_rope)
     if scaling is not None:
         rope = scaling(config)
         rope.update_hf_config(config)

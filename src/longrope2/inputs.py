@@ -79,15 +79,24 @@ def reset_to_original_rope(config: Any) -> str | None:
     return f"rope_type {rope_type} -> default (the checkpoint's own scaling dropped: the original RoPE)"
 
 
-def load_causal_lm(path: str, target_len: int, original_rope: bool = False, **kwargs: Any) -> Any:
-    """AutoModelForCausalLM.from_pretrained(path, **kwargs) with the attention window lifted to cover
-    target_len (lift_attention_window) and, with original_rope (the base model's rows), any RoPE scaling
-    the checkpoint ships with dropped (reset_to_original_rope); the loaded config says what was loaded."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def prepared_config(path: str, target_len: int, original_rope: bool = False) -> tuple[Any, list[str]]:
+    """The checkpoint's config as every stage runs it, and what changed: the attention window lifted to cover
+    target_len (lift_attention_window) and, with original_rope (the base model's rows), any RoPE scaling the
+    checkpoint ships with dropped (reset_to_original_rope)."""
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(path)
     changes = [lift_attention_window(config, target_len), reset_to_original_rope(config) if original_rope else None]
-    for change in filter(None, changes):
+    return config, [c for c in changes if c]
+
+
+def load_causal_lm(path: str, target_len: int, original_rope: bool = False, **kwargs: Any) -> Any:
+    """AutoModelForCausalLM.from_pretrained(path, **kwargs) on prepared_config(path, ...); the loaded config
+    says what was loaded."""
+    from transformers import AutoModelForCausalLM
+
+    config, changes = prepared_config(path, target_len, original_rope)
+    for change in changes:
         print(f"{path}: {change}")
     return AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
 
