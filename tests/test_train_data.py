@@ -208,9 +208,10 @@ def test_corpora_rows_and_weights(tmp_path, toy_model_dir, corpora):
                      r"folder of \*\.txt files \(one document per file\) or \*\.jsonl files")),
         ("empty", (r"data\.train_set\.corpora\[1\]\.path = '.*empty': no documents \(no non-empty \*\.txt or "
                    r"\*\.jsonl files\); accepted: a local folder")),
-        ("hub", (r"data\.train_set\.corpora\[1\]\.path = 'HuggingFaceFW/fineweb-edu' is not a local folder and "
-                 r"looks like a hub dataset id: hub datasets are not supported offline yet; place the data in a "
-                 r"local folder")),
+        ("hub", (r"data\.train_set\.corpora\[1\]\.path = 'HuggingFaceFW/fineweb-edu': dataset "
+                 r"HuggingFaceFW/fineweb-edu \(split train\): the hub is not reachable \(offline\) and the Hugging "
+                 r"Face cache holds no copy; accepted: a local copy: .* with the override "
+                 r"data\.train_set\.corpora\.1\.path=/path/to/local/fineweb-edu")),
         ("null", r"data\.train_set\.corpora\[1\]\.path = null \(corpus 'web'\): accepted: a local folder"),
     ],
 )
@@ -225,11 +226,13 @@ def test_bad_corpora_fail_before_any_output(tmp_path, toy_model_dir, corpora, pa
     assert not (tmp_path / "out").exists()
 
 
-def test_paper_preset_composes_and_names_the_missing_path():
+def test_paper_preset_composes_and_names_the_local_copy_override():
     cfg = compose_config(["experiment=llama3_8b_128k"])
     assert [(c.name, c.weight) for c in cfg.data.train_set.corpora] == [
         ("redpajama_v1", 4.5), ("redpajama_v2", 2.5), ("starcoder", 2.0), ("fineweb_edu", 1.0)]
-    with pytest.raises(ConfigError, match=r"data\.train_set\.corpora\[0\]\.path = null \(corpus 'redpajama_v1'\)"):
+    # Offline (conftest: HF_HUB_OFFLINE) the first hub id fails, naming the override to a local copy.
+    with pytest.raises(ConfigError, match=r"data\.train_set\.corpora\[0\]\.path = 'togethercomputer/RedPajama-Data-1T'"
+                                          r": .* the override data\.train_set\.corpora\.0\.path=/path/to/local/"):
         train_data.index_corpora(cfg)
 
 

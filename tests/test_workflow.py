@@ -79,8 +79,15 @@ def test_dry_run_with_the_slurm_profile_from_the_repo_root(experiment, tmp_path)
     assert f"-m longrope2.critical_dim experiment={experiment}" in proc.stdout
     if experiment != "toy":  # the search takes 8 GPUs, one torchrun process each
         assert "gpu=8" in proc.stdout
-        for stage in ("search", "train"):  # and the fine-tuning: 8 GPUs, FSDP
-            assert (f"-m torch.distributed.run --standalone --nproc_per_node 8 -m longrope2.{stage} "
+        assert ("-m torch.distributed.run --standalone --nproc_per_node 8 -m longrope2.search "
+                f"experiment={experiment}") in proc.stdout
+        if experiment == "llama3_8b_128k":  # the paper's fine-tuning: 8 nodes x 8 GPUs, a torchrun per node
+            assert "nodes=8, tasks=8, mpi=srun, gres=gpu:8" in proc.stdout
+            assert ("srun --nodes=8 --ntasks-per-node=1 --cpus-per-task=64 --kill-on-bad-exit=1 sh -c 'exec "
+                    in proc.stdout)
+            assert "-m torch.distributed.run --nnodes 8 --nproc_per_node 8 --rdzv_backend c10d" in proc.stdout
+        else:  # and the fine-tuning: 8 GPUs, FSDP
+            assert ("-m torch.distributed.run --standalone --nproc_per_node 8 -m longrope2.train "
                     f"experiment={experiment}") in proc.stdout
 
 

@@ -179,6 +179,7 @@ def semantic_errors(data: Mapping[str, Any]) -> list[str]:
     lines += _search_errors(data)
     lines += _length_mix_errors(data)
     lines += _train_errors(data)
+    lines += _nodes_errors(data)
     lines += _regime_errors(data)
     lines += _backend_errors(data)
     return lines
@@ -336,6 +337,28 @@ def _train_errors(data: Mapping[str, Any]) -> list[str]:
         lines.append(f"train.long_row_attention = per_document: accepted with train.attn_implementation = sdpa "
                      f"only (got {t['attn_implementation']}: flash attention finds documents from restarting "
                      "positions, which long rows do not have)")
+    return lines
+
+
+MULTINODE_RULES = ("search", "train")  # the rules whose stage runs on torch.distributed ranks (longrope2.launch)
+
+
+def _nodes_errors(data: Mapping[str, Any]) -> list[str]:
+    """resources.<rule>.nodes: search and train start one torchrun per node, nodes x processes ranks in all."""
+    lines = []
+    for rule, spec in data["resources"].items():
+        nodes = spec.get("nodes", 1)
+        if nodes > 1 and rule not in MULTINODE_RULES:
+            lines.append(f"resources.{rule}.nodes = {nodes}: accepted: 1 (only {' and '.join(MULTINODE_RULES)} "
+                         "run across nodes)")
+    t = data["train"]
+    nodes, processes, cp = data["resources"].get("train", {}).get("nodes", 1), t["processes"], t["context_parallel"]
+    # Per node the divisors are checked by _train_errors; across nodes the global batch is split over all ranks.
+    if nodes > 1 and not processes % cp and not t["global_batch"] % (processes // cp):
+        groups = nodes * processes // cp
+        if t["global_batch"] % groups:
+            lines.append(f"train.global_batch = {t['global_batch']}: accepted: a multiple of resources.train.nodes x "
+                         f"train.processes / train.context_parallel = {nodes} x {processes} / {cp} = {groups}")
     return lines
 
 

@@ -8,6 +8,9 @@ Three sources, none of which touches the network:
   (for paper-scale configs, e.g. PG19 books copied onto the machine).
 - ``"generated"``: deterministic filler prose from a tiny grammar (fallback when
   nothing else is available; no long-range structure, but enough for a haystack).
+
+data.corpus's fourth source, ``"datasets"`` (a hub id such as the paper's PG19, or a local dataset
+folder), is read by ``longrope2.hf_corpus`` (inputs.corpus_parts picks the reader).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Stage `evaluate`: evaluation suites on one model variant (spec §6); eval.suite is one suite (a job
+"""Stage `evaluate`: evaluation suites on one model variant (docs/evaluation.md); eval.suite is one suite (a job
 per suite, eval.jobs = per_suite) or a list run in turn in one process (eval.jobs = per_variant).
 
 In:  the variant's model, loaded as a user loads it (transformers, no custom code):

@@ -1,4 +1,4 @@
-"""Genetic-algorithm operators of LongRoPE2's factor search (spec §4). Pure: no I/O, no model.
+"""Genetic-algorithm operators of LongRoPE2's factor search (docs/method.md §5). Pure: no I/O, no model.
 
 An individual is a critical dim c plus a full long_factor λ (D floats). Searched values sit on a
 grid (0.01) and are handled internally as integer grid units, stored as round(k * grid, 10), so

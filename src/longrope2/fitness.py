@@ -1,4 +1,4 @@
-"""The factor search's fitness: needle-driven perplexity (spec §3), or plain PPL (Table 6 ablation).
+"""The factor search's fitness: needle-driven perplexity (docs/method.md §4), or plain PPL (Table 6 ablation).
 
 A candidate scaling is applied by overwriting the model's rotary inverse frequencies and
 attention factor in place: no reload, no copy of the model. The model's rotary modules must

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from longrope2 import corpus, methods, toy
+from longrope2 import corpus, hf_corpus, methods, toy
 from longrope2.config import ConfigError, run_dir
 from longrope2.needle import NeedleSample, NeedleTemplate, template_for, unstack_samples
 
@@ -161,14 +161,26 @@ def load_needle_sets(folder: Path) -> dict[str, tuple[list[NeedleSample], torch.
     return sets
 
 
+def _txt_folder(path: Any) -> bool:
+    """A folder of *.txt books and no dataset shards (docs/data.md, kind 1), as corpora entries detect it."""
+    folder = Path(str(path)) if path is not None else None
+    return bool(folder and folder.is_dir() and any(folder.glob("*.txt")) and not hf_corpus.is_dataset_folder(folder)
+                and not hf_corpus.has_shards(folder))
+
+
 def corpus_parts(cfg: DictConfig) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """data.corpus as (training, held-out) named documents, split by cfg.seed; no held-out part when
     data.corpus.heldout_fraction is 0. Missing or empty corpora are a ConfigError."""
     c = cfg.data.corpus
-    try:
-        docs = corpus.load_named_documents(str(c.source), c.path)
-    except ValueError as err:
-        raise ConfigError(f"data.corpus: {err}") from None
+    if c.source == "datasets" and not _txt_folder(c.path):  # a hub id or a dataset folder (errors name their keys)
+        docs = hf_corpus.named_documents(hf_corpus.spec_from(c, "data.corpus"))
+    elif c.source == "datasets":  # a folder of *.txt books overriding a preset's hub id: read as source folder
+        docs = corpus.load_named_documents("folder", c.path)
+    else:
+        try:
+            docs = corpus.load_named_documents(str(c.source), c.path)
+        except ValueError as err:
+            raise ConfigError(f"data.corpus: {err}") from None
     if float(c.heldout_fraction) == 0:
         return docs, []
     return corpus.split_documents(docs, float(c.heldout_fraction), int(cfg.seed))

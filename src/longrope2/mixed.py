@@ -1,4 +1,4 @@
-"""Mixed-context-window rows (spec §5): packed short rows, long rows, the switch, a chunked loss.
+"""Mixed-context-window rows (docs/method.md §6): packed short rows, long rows, the switch, a chunked loss.
 
 - Short row: documents of at most L_train tokens packed to the row length L; positions restart
   at 0 in every document, so max(position_ids) + 1 <= L_train and the LongRoPE switch picks
@@ -102,7 +102,7 @@ def unpack_documents(doc_ids: Tensor, input_ids: Tensor, position_ids: Tensor, l
 
 
 def uses_long_rope(position_ids: Tensor, train_len: int) -> bool:
-    """The switch (spec §5, transformers' longrope): long factors iff max(position_ids) + 1 > L_train."""
+    """The switch (docs/method.md §6, transformers' longrope): long factors iff max(position_ids) + 1 > L_train."""
     return int(position_ids.max()) + 1 > train_len
 
 

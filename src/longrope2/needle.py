@@ -1,4 +1,4 @@
-"""RULER-style needle samples and needle-driven scores (spec §3), tokenizer-agnostic.
+"""RULER-style needle samples and needle-driven scores (docs/method.md §4), tokenizer-agnostic.
 
 A sample is exactly ``length`` tokens::
 
@@ -315,7 +315,7 @@ def needle_scores(
 
 
 def template_for(name: str, num_digits: int, *, distinct_digits: bool = False, add_bos: bool = True) -> NeedleTemplate:
-    """The template a config names: ``ruler`` (spec §3 verbatim) or ``toy`` (shortened for small windows)."""
+    """The template a config names: ``ruler`` (docs/method.md §4 verbatim) or ``toy`` (shortened for small windows)."""
     if name not in TEMPLATES:
         raise ValueError(f"unknown needle template {name!r}; accepted: {', '.join(TEMPLATES)}")
     template = NeedleTemplate(num_digits=num_digits, distinct_digits=distinct_digits, add_bos=add_bos)

@@ -1,4 +1,4 @@
-"""Stage `needle_data`: the factor search's needle samples and a held-out validation set (spec §3).
+"""Stage `needle_data`: the factor search's needle samples and a held-out validation set (docs/method.md §4).
 
 In:  the experiment's long documents (data.corpus; with a held-out split, as for the toy, only the
      documents pretraining never saw), the tokenizer of model.path, data.needle (template, digits,

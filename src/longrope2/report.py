@@ -46,7 +46,7 @@ def _str_keys(data: Any) -> Any:
 
 
 def paper_numbers(name: str | None) -> dict[str, Any]:
-    """The paper's tables for one base model (spec §7), or {} for none."""
+    """The paper's tables for one base model (docs/method.md §8), or {} for none."""
     if name is None:
         return {}
     data = _str_keys(yaml.safe_load(importlib.resources.files("longrope2").joinpath("paper_tables.yaml").read_text()))

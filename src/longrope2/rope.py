@@ -1,6 +1,6 @@
 """Pure RoPE maths of LongRoPE2: frequencies, periods, critical dimensions, rescaling rules.
 
-Conventions (spec §1): frequency-pair index i = 0..D-1, D = d/2, d = rotary_dim
+Conventions (docs/method.md §1): frequency-pair index i = 0..D-1, D = d/2, d = rotary_dim
 = head_dim * partial_rotary_factor. A rescaling rule returns λ (the "long_factor"):
 the rescaled frequency is θ̂_i = θ_i / λ_i = 1 / (λ_i · base^(2i/d)).
 
@@ -62,7 +62,7 @@ def critical_dim(rotary_dim: int, base: float, train_len: int) -> int:
 def d10_critical_dim(rotary_dim: int, base: float, train_len: int) -> int:
     """d10_tcd = ceil(D · log_base(L_train / 20π)): first pair with fewer than 10 turns in L_train.
 
-    Low end of the search range for the real critical dim (spec §1).
+    Low end of the search range for the real critical dim (docs/method.md §1).
     """
     return math.ceil(rotary_dim / 2 * math.log(train_len / (20 * math.pi)) / math.log(base))
 

@@ -1,4 +1,4 @@
-"""RULER (spec §6): the 13 tasks' data from lm-eval's own generators, offline, and the official scoring.
+"""RULER (docs/evaluation.md): the 13 tasks' data from lm-eval's own generators, offline, and the official scoring.
 
 Data: lm-eval's RULER task modules build every sample with the model's tokenizer at load time and
 fetch the essay haystack, SQuAD and HotpotQA from the network. Here the same generator functions
@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-# The paper's order (spec §6, Tables 8-9).
+# The paper's order (docs/evaluation.md, Tables 8-9).
 TASKS: tuple[str, ...] = (
     "niah_single_1", "niah_single_2", "niah_single_3",
     "niah_multikey_1", "niah_multikey_2", "niah_multikey_3",

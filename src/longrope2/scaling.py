@@ -262,7 +262,7 @@ class RopeScaling:
         return rope.scaled_inv_freq(self.rotary_dim, self.rope_theta, self.short_factor)
 
     def uses_long(self, position_ids: Tensor) -> bool:
-        """Switch rule (spec §5): long factors iff max(position_ids) + 1 > train_len."""
+        """Switch rule (docs/method.md §6): long factors iff max(position_ids) + 1 > train_len."""
         return int(position_ids.max()) + 1 > self.train_len
 
     def inv_freq_for(self, position_ids: Tensor) -> Tensor:

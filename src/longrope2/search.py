@@ -1,4 +1,4 @@
-"""Stage `search`: the evolutionary search of LongRoPE2's rescaling factors (spec §2-§4).
+"""Stage `search`: the evolutionary search of LongRoPE2's rescaling factors (docs/method.md §2-§5).
 
 In:  the base model (model.path), the replicate's needle samples (stage needle_data), the critical dims of
      stage critical_dim, search.* (the GA's numbers, fitness, ablation switches, execution).

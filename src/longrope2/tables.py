@@ -1,7 +1,7 @@
 """The paper's table shapes built from evaluation results, rendered as Markdown, CSV and LaTeX.
 
 Pure functions of the `evaluate` stage's result dictionaries (``<suite>.json``; with several seeds, their
-mean over seeds, see `mean_over_seeds`) and the paper's numbers (``paper_tables.yaml``, spec §7); no I/O.
+mean over seeds, see `mean_over_seeds`) and the paper's numbers (``paper_tables.yaml``, docs/method.md §8); no I/O.
 """
 
 from __future__ import annotations

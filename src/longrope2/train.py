@@ -1,4 +1,4 @@
-"""Stage `train`: mixed context window fine-tuning (spec §5), then the model as a Hugging Face checkpoint.
+"""Stage `train`: mixed context window fine-tuning (docs/method.md §6), then the model as a Hugging Face checkpoint.
 
 In:  the base model (model.path), train.method and its factors (longrope2.methods: closed form for none /
      pi / ntk / yarn; <out_dir>/seed<k>/search/<search>/result.json for the searched methods and for the
@@ -35,6 +35,9 @@ one-process gradient: N processes give the loss curve of 1 (gloo on CPUs, NCCL o
 
     python -m longrope2.train experiment=toy
     torchrun --standalone --nproc_per_node 8 -m longrope2.train experiment=llama3_8b_128k ...
+
+Several nodes: srun starts one torchrun per node (c10d rendezvous; longrope2.launch, docs/cluster.md);
+ranks are global (outputs, checkpoints' metadata and tracking from rank 0), devices local (LOCAL_RANK).
 """
 
 from __future__ import annotations
@@ -395,9 +398,9 @@ def plot_loss(history: list[dict[str, Any]], variant: str, path: Path) -> None:
     steps = [h["step"] for h in history]
     for key, label in (("loss", "all rows"), ("short_loss", "short rows (short factors)"),
                        ("long_loss", "long rows (long factors)")):
-        points = [(s, h[key]) for s, h in zip(steps, history) if h[key] == h[key]]  # skip NaN (no such rows)
+        points = [(s, h[key]) for s, h in zip(steps, history, strict=True) if h[key] == h[key]]  # NaN: no such rows
         if points:
-            ax.plot(*zip(*points), label=label, lw=1)
+            ax.plot(*zip(*points, strict=True), label=label, lw=1)
     ax.set_xlabel("step")
     ax.set_ylabel("weighted token-mean NLL")
     ax.set_yscale("log")

@@ -1,4 +1,4 @@
-"""Stage `train_data`: rows of exactly target_len tokens for mixed context window fine-tuning (spec §5).
+"""Stage `train_data`: rows of exactly target_len tokens for mixed context window fine-tuning (docs/method.md §6).
 
 In:  the tokenizer of model.path, train.length_mix (token budget per length bucket), target_len (L),
      model.train_len (L_train), run_seed, data.train_set and, for the toy, data.corpus (TRAINING split only).
@@ -25,11 +25,17 @@ Sources (data.train_set.source):
   needle / recall mix after the copy warm-up), long documents are needle exercises on training-split
   text; each long row draws ONE length uniformly from the bucket's long_lengths and holds L // length
   exercises of it, with distinct keys. Answer tokens get loss weight answer_loss_weight, others 1.
-- corpora (paper): local folders of *.txt (one document per file) or *.jsonl (one JSON object per
-  line, "text" field); each document is drawn from a corpus chosen in proportion to its weight, in a
-  seeded order per corpus (reshuffled when a corpus is used up: small corpora repeat, see the json's
-  epochs). Each document is [BOS] + text + [EOS] (where the tokenizer has them). A document whose
-  bucket is already full is skipped.
+- corpora (paper): each entry a local folder of *.txt (one document per file) or *.jsonl (one JSON
+  object per line, its text_field, default "text"), or a Hugging Face dataset (a hub id or a local
+  folder of parquet / arrow / json(l) shards or save_to_disk; config, split, text_field, streaming:
+  longrope2.hf_corpus, docs/data.md). Each document comes from a corpus drawn with probability
+  weight / tokens per document (measured on its first 256 documents), so the weights are shares of
+  tokens as the paper's (§5), and is the corpus's next document: a folder in a seeded order, a dataset
+  in its own order, both reshuffled when used up (small corpora repeat, see the json's epochs); a
+  stream is read once, and one that ends before the rows are complete is an error (no output). Each
+  document is [BOS] + text + [EOS] (where the tokenizer has them). A document whose bucket is already
+  full is skipped. Tokenization: the fast tokenizer's batch encoding, in data.train_set.num_proc
+  processes (null: resources.train_data.cpus); the rows do not depend on num_proc.
 
     python -m longrope2.train_data experiment=toy
 """
@@ -37,21 +43,24 @@ Sources (data.train_set.source):
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
+import multiprocessing as mp
+import os
 import random
-import re
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from longrope2 import mixed, toy
+from longrope2 import hf_corpus, mixed, toy
 from longrope2 import rows as rows_format
 from longrope2.config import ConfigError, hydra_stage, run_dir, run_seed
 from longrope2.inputs import corpus_parts, load_tokenizer, needle_template, toy_pretrain_settings
@@ -60,8 +69,10 @@ from longrope2.outputs import atomic_dir, write_json
 from longrope2.tracking import stage_run
 
 CORPUS_FORMATS = ('a local folder of *.txt files (one document per file) or *.jsonl files '
-                  '(one JSON object per line with a "text" field)')
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+                  '(one JSON object per line with a "text" field), a local dataset folder (parquet / arrow / '
+                  'json(l) shards, or save_to_disk) or a hub dataset id (docs/data.md)')
+CALIBRATION_DOCUMENTS = 256  # per corpus: its tokens per document, to draw by token shares
+T = TypeVar("T")
 
 
 @dataclass
@@ -240,108 +251,273 @@ def toy_rows(src: ToySource, buckets: list[Bucket], length: int, seed: int, temp
 # --------------------------------------------------------------------------- source: corpora
 
 
+class FolderDocs:
+    """A folder corpus (docs/data.md, kind 1): *.txt files (one document each) and *.jsonl lines, by byte offset."""
+
+    def __init__(self, key: str, files: list[Path], entries: list[tuple[int, int | None]], text_field: str) -> None:
+        self.key, self.files, self.entries, self.text_field = key, files, entries, text_field
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i: int) -> str:
+        fi, offset = self.entries[i]
+        f = self.files[fi]
+        if offset is None:
+            return f.read_text(encoding="utf-8", errors="replace").strip()
+        with f.open("rb") as fh:
+            fh.seek(offset)
+            line = fh.readline()
+        try:
+            text = json.loads(line)[self.text_field]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ConfigError(f"{self.key}: {f} at byte {offset}: accepted: one JSON object per line with a "
+                              f'"{self.text_field}" field') from None
+        return str(text).strip()
+
+
+class DatasetDocs:
+    """A non-streamed dataset split: document i by random access into its Arrow table."""
+
+    def __init__(self, ds: Any, text_field: str) -> None:
+        self.column, self.text_field = ds.select_columns([text_field]), text_field
+
+    def __len__(self) -> int:
+        return len(self.column)
+
+    def __getitem__(self, i: int) -> str:
+        return str(self.column[i][self.text_field] or "").strip()
+
+
+@dataclass
+class _Stream:
+    """A streamed split: every iteration reads it again from its start."""
+
+    ds: Any
+    spec: hf_corpus.DatasetSpec
+
+    def __iter__(self) -> Iterator[str]:
+        return hf_corpus.texts(self.ds, self.spec)
+
+
 @dataclass
 class Corpus:
+    """One entry of data.train_set.corpora; ``docs`` random access (folders, datasets) or a stream (iterable)."""
+
     name: str
-    path: Path
+    key: str  # data.train_set.corpora[i]
+    label: str  # the path, or the dataset with its split
     weight: float
-    entries: list[tuple[int, int | None]]  # (file index, byte offset of a jsonl line | None for a .txt)
-    files: list[Path]
+    docs: Any  # FolderDocs | DatasetDocs (len, [i]) or an iterable of documents (streaming)
+    streaming: bool = False
+    shuffle_first: bool = True  # folders: a seeded order from the first epoch on; datasets: their own order first
+    tokens_per_document: float = 1.0  # measured on the first documents (calibrate): makes weights token shares
     drawn: int = 0
     used: int = 0
+    tokens: int = 0
     epochs: int = 0
+
+    @property
+    def size(self) -> int | None:
+        return None if self.streaming else len(self.docs)
+
+
+def _folder_corpus(key: str, name: str, folder: Path, weight: float, text_field: str) -> Corpus | None:
+    """The corpus of a folder with *.txt / *.jsonl files at its top (kind 1); None for any other folder."""
+    found = sorted(folder.glob("*.txt")) + sorted(folder.glob("*.jsonl"))
+    if not found or hf_corpus.is_dataset_folder(folder):
+        return None
+    files, entries = [], []
+    for f in found:
+        if f.stat().st_size == 0:
+            continue
+        fi = len(files)
+        files.append(f)
+        if f.suffix == ".txt":
+            entries.append((fi, None))
+            continue
+        with f.open("rb") as fh:
+            offset = 0
+            for line in fh:
+                if line.strip():
+                    entries.append((fi, offset))
+                offset += len(line)
+    if not entries:
+        raise ConfigError(f"{key}.path = {str(folder)!r}: no documents (no non-empty *.txt or *.jsonl files); "
+                          f"accepted: {CORPUS_FORMATS}")
+    return Corpus(name, key, str(folder), weight, FolderDocs(key, files, entries, text_field))
 
 
 def index_corpora(cfg: DictConfig) -> list[Corpus]:
-    """Every corpus folder listed and checked (missing, empty, hub ids) before any row is built."""
+    """Every corpus opened and checked (missing, empty, no text field, hub id offline) before any row is built."""
     specs = list(cfg.data.train_set.corpora)
     if not specs:
         raise ConfigError(f"data.train_set.corpora = []: accepted: a list of {{name, path, weight}}, each path "
                           f"{CORPUS_FORMATS}")
     out = []
     for i, spec in enumerate(specs):
-        key, path = f"data.train_set.corpora[{i}].path", spec.path
+        key, path, name, weight = f"data.train_set.corpora[{i}]", spec.path, str(spec.name), float(spec.weight)
         if path is None:
-            raise ConfigError(f"{key} = null (corpus {spec.name!r}): accepted: {CORPUS_FORMATS}")
+            raise ConfigError(f"{key}.path = null (corpus {name!r}): accepted: {CORPUS_FORMATS}")
+        if weight <= 0:  # the schema refuses it too; kept for configs built in code
+            raise ConfigError(f"{key}.weight = {weight:g} (corpus {name!r}): accepted: a weight > 0")
         folder = Path(str(path))
-        if not folder.exists():
-            if _HUB_ID.fullmatch(str(path)) and not str(path).startswith("."):
-                raise ConfigError(f"{key} = {str(path)!r} is not a local folder and looks like a hub dataset id: "
-                                  f"hub datasets are not supported offline yet; place the data in {CORPUS_FORMATS}")
-            raise ConfigError(f"{key} = {str(path)!r}: no such folder; accepted: {CORPUS_FORMATS}")
-        if not folder.is_dir():
-            raise ConfigError(f"{key} = {str(path)!r} is not a folder; accepted: {CORPUS_FORMATS}")
-        files, entries = [], []
-        for f in sorted(folder.glob("*.txt")) + sorted(folder.glob("*.jsonl")):
-            if f.stat().st_size == 0:
-                continue
-            fi = len(files)
-            files.append(f)
-            if f.suffix == ".txt":
-                entries.append((fi, None))
-                continue
-            with f.open("rb") as fh:
-                offset = 0
-                for line in fh:
-                    if line.strip():
-                        entries.append((fi, offset))
-                    offset += len(line)
-        if not entries:
-            raise ConfigError(f"{key} = {str(path)!r}: no documents (no non-empty *.txt or *.jsonl files); "
+        if not folder.exists() and (not hf_corpus.HUB_ID.fullmatch(str(path)) or str(path).startswith(".")):
+            raise ConfigError(f"{key}.path = {str(path)!r}: no such folder; accepted: {CORPUS_FORMATS}")
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(f"{key}.path = {str(path)!r} is not a folder; accepted: {CORPUS_FORMATS}")
+        text_field = str(spec.get("text_field") or "text")
+        corpus = _folder_corpus(key, name, folder, weight, text_field) if folder.is_dir() else None
+        if corpus is None and folder.is_dir() and not hf_corpus.has_shards(folder):
+            raise ConfigError(f"{key}.path = {str(path)!r}: no documents (no non-empty *.txt or *.jsonl files); "
                               f"accepted: {CORPUS_FORMATS}")
-        out.append(Corpus(str(spec.name), folder, float(spec.weight), entries, files))
+        if corpus is None:
+            ds_spec = hf_corpus.spec_from(spec, key)
+            ds = hf_corpus.open_checked(ds_spec)
+            docs = _Stream(ds, ds_spec) if ds_spec.streaming else DatasetDocs(ds, ds_spec.text_field)
+            corpus = Corpus(name, key, ds_spec.label, weight, docs, streaming=ds_spec.streaming, shuffle_first=False)
+        out.append(corpus)
     return out
 
 
-def _read(c: Corpus, entry: tuple[int, int | None]) -> str:
-    fi, offset = entry
-    f = c.files[fi]
-    if offset is None:
-        return f.read_text(encoding="utf-8", errors="replace").strip()
-    with f.open("rb") as fh:
-        fh.seek(offset)
-        line = fh.readline()
+def encode_texts(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, no special tokens: the fast tokenizer's batch encoding (Rust, on every core),
+    the same ids as ``tokenizer(text, add_special_tokens=False)`` text by text."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # _fast: no offsets computed
+    return [e.ids for e in encode(texts, add_special_tokens=False)]
+
+
+_WORKER_TOKENIZER: Any = None
+
+
+def _init_worker(tokenizer: Any) -> None:
+    global _WORKER_TOKENIZER
+    _WORKER_TOKENIZER = tokenizer
+
+
+def _encode_in_worker(texts: list[str]) -> list[list[int]]:
+    return encode_texts(_WORKER_TOKENIZER, texts)
+
+
+def encode_batches(tokenizer: Any, batches: Iterable[list[T]], text: Callable[[T], str], num_proc: int,
+                   ) -> Iterator[tuple[list[T], list[list[int]]]]:
+    """(batch, token ids of its texts) in the batches' order; num_proc > 1 tokenizes in that many processes,
+    at most 2 x num_proc batches ahead of the caller (the rows do not depend on num_proc)."""
+    if num_proc <= 1:
+        for batch in batches:
+            yield batch, encode_texts(tokenizer, [text(x) for x in batch])
+        return
+    methods = mp.get_all_start_methods()
+    ctx = mp.get_context("fork" if "fork" in methods else "spawn")
+    # One Rust thread per worker: num_proc processes already use the cores (and fork after the parent's
+    # tokenizer threads ran would make tokenizers warn and switch them off anyway).
+    saved = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     try:
-        text = json.loads(line)["text"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise ConfigError(f"corpus {c.name!r}: {f} at byte {offset}: accepted: one JSON object per line "
-                          'with a "text" field') from None
-    return str(text).strip()
+        pool = ctx.Pool(num_proc, initializer=_init_worker, initargs=(tokenizer,))
+    finally:
+        if saved is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM")
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = saved
+    with pool:
+        pending: deque[tuple[list[T], Any]] = deque()
+        for batch in batches:
+            pending.append((batch, pool.apply_async(_encode_in_worker, ([text(x) for x in batch],))))
+            if len(pending) >= 2 * num_proc:
+                done, result = pending.popleft()
+                yield done, result.get()
+        while pending:
+            done, result = pending.popleft()
+            yield done, result.get()
 
 
-def draw_documents(corpora: list[Corpus], seed: int) -> Iterator[tuple[Corpus, str]]:
-    """Endless documents: a corpus drawn by weight, then its next document in a seeded order."""
+def batched(items: Iterable[T], n: int) -> Iterator[list[T]]:
+    it = iter(items)
+    while batch := list(itertools.islice(it, n)):
+        yield batch
+
+
+def calibrate(tokenizer: Any, corpora: list[Corpus], documents: int = CALIBRATION_DOCUMENTS) -> None:
+    """Tokens per document of each corpus on its first ``documents`` documents: drawing a corpus with
+    probability weight / tokens_per_document makes the weights shares of TOKENS, as the paper's are (§5)."""
+    specials = _specials(tokenizer)
+    for c in corpora:
+        first = (list(itertools.islice(iter(c.docs), documents)) if c.streaming
+                 else [c.docs[i] for i in range(min(documents, len(c.docs)))])
+        texts = [t for t in first if t]
+        ids = encode_texts(tokenizer, texts) if texts else []
+        c.tokens_per_document = max(1.0, sum(len(x) + specials for x in ids) / max(1, len(ids)))
+
+
+def _specials(tokenizer: Any) -> int:
+    return int(tokenizer.bos_token_id is not None) + int(tokenizer.eos_token_id is not None)
+
+
+def epoch_documents(c: Corpus, seed: int, epoch: int) -> Iterator[str]:
+    """The documents of a corpus's epoch (0, 1, ...): a stream in its order (once), a dataset in its order
+    first, then (and a folder always) in a seeded shuffled order."""
+    if c.streaming:
+        yield from c.docs
+        return
+    order = list(range(len(c.docs)))
+    if epoch > 0 or c.shuffle_first:
+        random.Random(f"train_data/corpora/{seed}/{c.name}/{epoch}").shuffle(order)
+    for i in order:
+        yield c.docs[i]
+
+
+def draw_documents(corpora: list[Corpus], seed: int) -> Iterator[tuple[int, int, str | None]]:
+    """Endless (corpus index, epochs begun, document): a corpus drawn with probability weight /
+    tokens_per_document, then its next document. A stream that ends yields (k, epochs, None) and stops."""
     rng = random.Random(f"train_data/corpora/{seed}")
-    orders: list[list[tuple[int, int | None]]] = [[] for _ in corpora]
-    weights = [c.weight for c in corpora]
+    weights = [c.weight / c.tokens_per_document for c in corpora]
+    current: list[Iterator[str] | None] = [None] * len(corpora)
+    epochs = [0] * len(corpora)
     while True:
         k = rng.choices(range(len(corpora)), weights)[0]
-        c = corpora[k]
-        if not orders[k]:
-            orders[k] = list(c.entries)
-            random.Random(f"train_data/corpora/{seed}/{c.name}/{c.epochs}").shuffle(orders[k])
-            orders[k].reverse()  # pop() from the end = the shuffled order
-            c.epochs += 1
-        c.drawn += 1
-        yield c, _read(c, orders[k].pop())
+        while True:
+            if current[k] is None:
+                current[k] = epoch_documents(corpora[k], seed, epochs[k])
+                epochs[k] += 1
+            text = next(current[k], None)  # type: ignore[arg-type]
+            if text is not None:
+                break
+            if corpora[k].streaming:
+                yield k, epochs[k], None
+                return
+            current[k] = None  # used up: the next epoch, reshuffled
+        yield k, epochs[k], text
 
 
 def corpus_rows(tokenizer: Any, corpora: list[Corpus], buckets: list[Bucket], length: int, seed: int,
-                stats: dict[str, Any], batch: int = 64) -> Iterator[tuple[Bucket, RowBuilder]]:
+                stats: dict[str, Any], num_proc: int = 1, batch: int = 64) -> Iterator[tuple[Bucket, RowBuilder]]:
     head = [int(tokenizer.bos_token_id)] if tokenizer.bos_token_id is not None else []
     tail = [int(tokenizer.eos_token_id)] if tokenizer.eos_token_id is not None else []
     rows = {b.index: RowBuilder(length, b.is_long) for b in buckets}
     seen: set[int] = set()  # buckets any document fell into
-    docs = draw_documents(corpora, seed)
-    while not all(b.full for b in buckets):
-        drawn = [next(docs) for _ in range(batch)]
-        texts = [t for _, t in drawn]
-        encoded = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-        for (c, text), ids in zip(drawn, encoded):
+    total, weights = sum(b.rows for b in buckets) * length, sum(c.weight for c in corpora)
+    drawn = batched(draw_documents(corpora, seed), batch)
+    for part, encoded in encode_batches(tokenizer, drawn, lambda d: d[2] or "", num_proc):
+        for (k, epoch, text), ids in zip(part, encoded, strict=True):
+            c = corpora[k]
+            if text is None:
+                share = round(total * c.weight / weights)
+                raise ConfigError(
+                    f"{c.key}: corpus {c.name!r}, dataset {c.label}: the stream ended after {c.drawn} documents, "
+                    f"{c.tokens} tokens, before the rows were complete (needed: its share by weight, {share} of "
+                    f"the {total} tokens of train.length_mix, and more where documents fall into full buckets); "
+                    f"accepted: a larger split, streaming: false (documents repeat), or a lower weight")
+            c.drawn += 1
+            c.epochs = max(c.epochs, epoch)
             if not text:
                 stats["empty_documents"] += 1
                 continue
-            ids = head + list(ids) + tail
+            ids = head + ids + tail
+            c.tokens += len(ids)
             b = bucket_of(buckets, len(ids))
             seen.add(b.index)
             if b.full:
@@ -355,6 +531,8 @@ def corpus_rows(tokenizer: Any, corpora: list[Corpus], buckets: list[Bucket], le
                 b.done_rows += 1
                 rows[b.index] = RowBuilder(length, b.is_long)
                 yield b, row
+                if all(b.full for b in buckets):
+                    return
         if all(c.epochs >= 2 for c in corpora):  # every document seen at least once
             missing = [b for b in buckets if not b.full and b.index not in seen]
             if missing:
@@ -364,6 +542,12 @@ def corpus_rows(tokenizer: Any, corpora: list[Corpus], buckets: list[Bucket], le
 
 
 # --------------------------------------------------------------------------- stage
+
+
+def num_processes(cfg: DictConfig) -> int:
+    """data.train_set.num_proc, or the rule's cpus (resources.train_data.cpus) when null or absent."""
+    n = cfg.data.train_set.get("num_proc")
+    return int(n if n is not None else cfg.resources.train_data.cpus)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -378,9 +562,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         stats = toy_src.stats
         rows = toy_rows(toy_src, buckets, length, seed, needle_template(cfg))
     else:
-        corpora = index_corpora(cfg)
+        corpora = index_corpora(cfg)  # every corpus checked before any is tokenized
+        calibrate(tokenizer, corpora)
         stats = {"empty_documents": 0, "skipped_documents": 0}
-        rows = corpus_rows(tokenizer, corpora, buckets, length, seed, stats)
+        rows = corpus_rows(tokenizer, corpora, buckets, length, seed, stats, num_proc=num_processes(cfg))
 
     with stage_run(cfg, "train_data", per_seed=True) as tracker:
         with atomic_dir(out) as scratch:
@@ -393,9 +578,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                     bar.update(1)
             writer.flush()
             if ts.source == "corpora":
-                stats["corpora"] = [{"name": c.name, "path": str(c.path), "weight": c.weight,
-                                     "documents_indexed": len(c.entries), "documents_drawn": c.drawn,
-                                     "documents_used": c.used, "epochs": c.epochs} for c in corpora]
+                stats["corpora"] = [{"name": c.name, "path": c.label, "weight": c.weight, "streaming": c.streaming,
+                                     "documents_indexed": c.size, "documents_drawn": c.drawn,
+                                     "documents_used": c.used, "tokens_drawn": c.tokens, "epochs": c.epochs,
+                                     "calibrated_tokens_per_document": round(c.tokens_per_document, 1)}
+                                    for c in corpora]
             summary = {
                 "target_len": length, "train_len": train_len, "seed": seed, "source": str(ts.source),
                 "rows": sum(b.done_rows for b in buckets),

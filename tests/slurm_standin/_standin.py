@@ -1,11 +1,14 @@
 """Shared state of the Slurm stand-ins (sbatch, sacct, squeue, srun, scancel, scontrol, sinfo, sacctmgr,
-sshare): a one-node "cluster" whose jobs are local background processes.
+sshare): a "cluster" of NODES whose jobs are local background processes; a job of several nodes (--nodes)
+runs its batch script once (on its first node), and srun starts one local process per task of a step, each
+with the node's SLURM_NODEID, SLURM_PROCID, SLURMD_NODENAME, ...
 
 Everything lives in $STANDIN_SLURM_DIR (not SLURM_*: the slurm-jobstep executor strips SLURM_* variables, but
 a few, from the environment of the srun it starts inside a job):
   next_jobid           job id counter
   jobs/<id>.json       one record per job (options, state, exit code, pids); jobs/<id>.sh its batch script
-  steps/<id>.<n>.json  one record per srun step inside job <id>
+  steps/<id>.<n>.json  one record per srun step inside job <id> (argv, options, command; per task its node,
+                       ranks and SLURM_* environment)
   sbatch.jsonl         argv and outcome of every sbatch call
   calls.jsonl          argv of every stand-in call (which command asked what)
 Other settings (environment):
@@ -28,7 +31,10 @@ import sys
 import time
 
 CLUSTER = "standin"
-NODE = "standin-node1"
+# The nodes are loopback addresses: a name taken from the nodelist (e.g. a c10d rendezvous on the first node)
+# resolves to this machine without /etc/hosts entries.
+NODES = tuple(f"127.0.0.{i}" for i in range(1, 9))
+NODE = NODES[0]
 MIN_JOB_AGE = 300  # seconds a finished job stays visible to squeue (scontrol show config: MinJobAge)
 MAX_ARRAY_SIZE = 1001
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}
@@ -131,6 +137,38 @@ def job_steps(jobid: str) -> list[dict]:
     return sorted((read_json(os.path.join(folder, n)) for n in names), key=lambda r: r["step"])
 
 
+def job_nodes(record: dict | None) -> list[str]:
+    """The nodes of a job's allocation (the first NODES; records of the one-node stand-in: its node)."""
+    return list((record or {}).get("nodes") or [NODE])
+
+
+def hostlist(names: list[str]) -> str:
+    """Slurm's compact node list: ['127.0.0.1', '127.0.0.2', '127.0.0.4'] -> '127.0.0.[1-2,4]'."""
+    prefix = os.path.commonprefix(names).rstrip("0123456789")
+    if len(names) == 1 or not all(n[len(prefix):].isdigit() for n in names):
+        return ",".join(names)
+    numbers, ranges = sorted(int(n[len(prefix):]) for n in names), []
+    for number in numbers:
+        if ranges and ranges[-1][1] == number - 1:
+            ranges[-1][1] = number
+        else:
+            ranges.append([number, number])
+    return prefix + "[" + ",".join(f"{a}-{b}" if a != b else str(a) for a, b in ranges) + "]"
+
+
+def expand_hostlist(spec: str) -> list[str]:
+    """`scontrol show hostnames`: 'a[1-2,4],b' -> ['a1', 'a2', 'a4', 'b']."""
+    names = []
+    for prefix, ranges, plain in re.findall(r"([^,\[]*)\[([^\]]*)\]|([^,\[\]]+)", spec):
+        if plain:
+            names.append(plain)
+            continue
+        for item in ranges.split(","):
+            first, _, last = item.partition("-")
+            names += [f"{prefix}{k:0{len(first)}d}" for k in range(int(first), int(last or first) + 1)]
+    return names
+
+
 def rule_of(comment: str) -> str:
     """The Snakemake rule in the slurm plugin's --comment: rule_<name> or rule_<name>_wildcards_<values>."""
     match = re.fullmatch(r"rule_(.+?)(?:_wildcards_.*)?", comment or "")
@@ -227,7 +265,7 @@ def format_table(rows: list[list[str]], headers: list[str], widths: list[int | N
     """sacct/sshare-style output: 'a|b' (--parsable2), 'a|b|' (--parsable) or fixed-width columns
     (width from 'Field%N', '%-N' left-justified, default 10 or DEFAULT_WIDTHS; longer values are cut and
     end in '+')."""
-    widths = [w if w is not None else DEFAULT_WIDTHS.get(h.lower()) for h, w in zip(headers, widths)]
+    widths = [w if w is not None else DEFAULT_WIDTHS.get(h.lower()) for h, w in zip(headers, widths, strict=True)]
     lines = []
     if parsable:
         end = "|" if parsable == "parsable" else ""
@@ -243,9 +281,9 @@ def format_table(rows: list[list[str]], headers: list[str], widths: list[int | N
         return value.ljust(size) if width is not None and width < 0 else value.rjust(size)
 
     if not noheader:
-        lines.append(" ".join(cell(h, w) for h, w in zip(headers, widths)))
+        lines.append(" ".join(cell(h, w) for h, w in zip(headers, widths, strict=True)))
         lines.append(" ".join("-" * (abs(w) if w else 10) for w in widths))
-    lines += [" ".join(cell(v, w) for v, w in zip(row, widths)) for row in rows]
+    lines += [" ".join(cell(v, w) for v, w in zip(row, widths, strict=True)) for row in rows]
     return "".join(line + "\n" for line in lines)
 
 
@@ -268,10 +306,11 @@ def run_job(jobid: str):
         record = read_json(job_path(jobid))
         if record.get("cancelled"):
             return  # cancelled while pending: scancel has recorded it
-        record.update(state="RUNNING", start_time=time.time(), runner_pid=os.getpid(), node=NODE)
+        record.update(state="RUNNING", start_time=time.time(), runner_pid=os.getpid(), node=job_nodes(record)[0])
         write_json(job_path(jobid), record)
+    node = record["node"]
     if rule_of(record["comment"]) in env_list("STANDIN_SLURM_FAIL_RULES", ""):
-        print(f"slurmstepd: error: *** JOB {jobid} ON {NODE} made to fail by STANDIN_SLURM_FAIL_RULES ***",
+        print(f"slurmstepd: error: *** JOB {jobid} ON {node} made to fail by STANDIN_SLURM_FAIL_RULES ***",
               flush=True)
         update_job(jobid, state="FAILED", exit_code=1, end_time=time.time())
         return
@@ -288,7 +327,7 @@ def run_job(jobid: str):
         code = proc.wait(timeout=limit * 60 if limit else None)
         timed_out = False
     except subprocess.TimeoutExpired:
-        print(f"slurmstepd: error: *** JOB {jobid} ON {NODE} CANCELLED DUE TO TIME LIMIT ***", flush=True)
+        print(f"slurmstepd: error: *** JOB {jobid} ON {node} CANCELLED DUE TO TIME LIMIT ***", flush=True)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
         try:

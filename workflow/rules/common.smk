@@ -6,7 +6,7 @@ import sys
 from snakemake.exceptions import WorkflowError
 
 from longrope2.config import ConfigError, compose_config, overrides_from_snakemake, to_dict
-from longrope2 import tracking
+from longrope2 import launch, tracking
 from longrope2.inputs import BASE as BASE_VARIANT
 from longrope2.methods import spec as method_spec, searches_for
 
@@ -43,18 +43,16 @@ EVAL_SUITES = list(CFG.eval.suites)
 EARLY_PRIORITY = 1
 
 
-def stage_cmd(stage, processes=1, extra=""):
+def stage_cmd(stage, processes=1, extra="", nodes=1, cpus=1):
     """Shell command of a stage; output goes to the terminal and to the rule's log.
 
-    processes > 1: torchrun starts that many processes on this node (one per GPU on a cluster).
+    processes > 1: torchrun starts that many processes on a node (one per GPU on a cluster); nodes > 1 (slurm):
+    srun starts one torchrun per node, cpus each (longrope2.launch).
     """
     # The interpreter that runs Snakemake runs the stages: same environment, no PATH surprises.
-    python = shlex.quote(sys.executable)
-    launcher = f"{python} -m"
-    if processes > 1:
-        launcher = f"{python} -m torch.distributed.run --standalone --nproc_per_node {int(processes)} -m"
     # extra: per-job overrides with Snakemake placeholders ({wildcards.x}), appended after the user's.
-    return f"{launcher} longrope2.{stage} {HYDRA_ARGS} {extra} 2>&1 | tee {{log}}".replace("  ", " ")
+    cmd = launch.stage_command(shlex.quote(sys.executable), stage, f"{HYDRA_ARGS} {extra}", processes, nodes, cpus)
+    return f"{cmd} 2>&1 | tee {{log}}".replace("  ", " ")
 
 
 def stage_params(*keys):
@@ -77,15 +75,7 @@ def seed_constraint():
 
 def rule_resources(rule_name):
     """Resources of a rule from `resources.<rule>` and `cluster.*` (slurm profile keys)."""
-    spec = CFG.resources[rule_name]
-    res = {"mem_mb": spec.mem_mb, "runtime": spec.runtime, "cpus_per_task": spec.cpus}
-    if spec.gpu:
-        res["gpu"] = spec.gpu
-    if CFG.cluster.partition:
-        res["slurm_partition"] = CFG.cluster.partition
-    if CFG.cluster.account:
-        res["slurm_account"] = CFG.cluster.account
-    return res
+    return launch.slurm_resources(CFG.resources[rule_name], CFG.cluster.partition, CFG.cluster.account)
 
 
 onstart:
