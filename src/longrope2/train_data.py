@@ -30,7 +30,7 @@ Sources (data.train_set.source):
   folder of parquet / arrow / json(l) shards or save_to_disk; config, split, text_field, streaming:
   longrope2.hf_corpus, docs/data.md). Each document comes from a corpus drawn with probability
   weight / tokens per document (measured on its first 256 documents), so the weights are shares of
-  tokens as the paper's (§5), and is the corpus's next document: a folder in a seeded order, a dataset
+  tokens as the paper's (docs/method.md §6), and is the corpus's next document: a folder in a seeded order, a dataset
   in its own order, both reshuffled when used up (small corpora repeat, see the json's epochs); a
   stream is read once, and one that ends before the rows are complete is an error (no output). Each
   document is [BOS] + text + [EOS] (where the tokenizer has them). A document whose bucket is already
@@ -443,7 +443,8 @@ def batched(items: Iterable[T], n: int) -> Iterator[list[T]]:
 
 def calibrate(tokenizer: Any, corpora: list[Corpus], documents: int = CALIBRATION_DOCUMENTS) -> None:
     """Tokens per document of each corpus on its first ``documents`` documents: drawing a corpus with
-    probability weight / tokens_per_document makes the weights shares of TOKENS, as the paper's are (§5)."""
+    probability weight / tokens_per_document makes the weights shares of TOKENS, as the paper's are
+    (docs/method.md §6)."""
     specials = _specials(tokenizer)
     for c in corpora:
         first = (list(itertools.islice(iter(c.docs), documents)) if c.streaming
