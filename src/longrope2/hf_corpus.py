@@ -85,6 +85,13 @@ def is_dataset_folder(folder: Path) -> bool:
     return any(f.name.endswith((".parquet", ".arrow")) for f in folder.rglob("*") if f.is_file())
 
 
+def document_files(folder: Path, patterns: tuple[str, ...]) -> list[Path]:
+    """The files of a folder of documents (docs/data.md, kind 1): ``patterns`` at its top, in order; [] when
+    there are none or ``datasets`` reads the folder (is_dataset_folder)."""
+    found = [f for pattern in patterns for f in sorted(folder.glob(pattern))]
+    return [] if not found or is_dataset_folder(folder) else found
+
+
 def has_shards(folder: Path) -> bool:
     return any(f.name.endswith(SHARD_SUFFIXES) for f in folder.rglob("*") if f.is_file())
 

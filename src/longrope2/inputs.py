@@ -164,7 +164,7 @@ def load_needle_sets(folder: Path) -> dict[str, tuple[list[NeedleSample], torch.
 def _txt_folder(path: Any) -> bool:
     """A folder of *.txt books and no dataset shards (docs/data.md, kind 1), as corpora entries detect it."""
     folder = Path(str(path)) if path is not None else None
-    return bool(folder and folder.is_dir() and any(folder.glob("*.txt")) and not hf_corpus.is_dataset_folder(folder)
+    return bool(folder and folder.is_dir() and hf_corpus.document_files(folder, ("*.txt",))
                 and not hf_corpus.has_shards(folder))
 
 

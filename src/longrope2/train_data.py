@@ -324,8 +324,8 @@ class Corpus:
 
 def _folder_corpus(key: str, name: str, folder: Path, weight: float, text_field: str) -> Corpus | None:
     """The corpus of a folder with *.txt / *.jsonl files at its top (kind 1); None for any other folder."""
-    found = sorted(folder.glob("*.txt")) + sorted(folder.glob("*.jsonl"))
-    if not found or hf_corpus.is_dataset_folder(folder):
+    found = hf_corpus.document_files(folder, ("*.txt", "*.jsonl"))
+    if not found:
         return None
     files, entries = [], []
     for f in found:

@@ -43,15 +43,17 @@ EVAL_SUITES = list(CFG.eval.suites)
 EARLY_PRIORITY = 1
 
 
-def stage_cmd(stage, processes=1, extra="", nodes=1, cpus=1):
+def stage_cmd(stage, processes=1, extra=""):
     """Shell command of a stage; output goes to the terminal and to the rule's log.
 
-    processes > 1: torchrun starts that many processes on a node (one per GPU on a cluster); nodes > 1 (slurm):
-    srun starts one torchrun per node, cpus each (longrope2.launch).
+    processes > 1: torchrun starts that many processes on a node (one per GPU on a cluster); resources.<stage>.nodes
+    > 1 (slurm): srun starts one torchrun per node, resources.<stage>.cpus each (longrope2.launch).
     """
+    spec = CFG.resources[stage]
     # The interpreter that runs Snakemake runs the stages: same environment, no PATH surprises.
     # extra: per-job overrides with Snakemake placeholders ({wildcards.x}), appended after the user's.
-    cmd = launch.stage_command(shlex.quote(sys.executable), stage, f"{HYDRA_ARGS} {extra}", processes, nodes, cpus)
+    cmd = launch.stage_command(shlex.quote(sys.executable), stage, f"{HYDRA_ARGS} {extra}", processes,
+                               spec.get("nodes", 1), spec.cpus)
     return f"{cmd} 2>&1 | tee {{log}}".replace("  ", " ")
 
 

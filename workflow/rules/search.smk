@@ -36,5 +36,4 @@ rule search:
     resources:
         **rule_resources("search"),
     shell:
-        stage_cmd("search", processes=CFG.search.processes, nodes=CFG.resources.search.nodes, cpus=CFG.resources.search.cpus,
-                  extra="search.method={wildcards.search} run_seed={wildcards.seed}")
+        stage_cmd("search", processes=CFG.search.processes, extra="search.method={wildcards.search} run_seed={wildcards.seed}")

@@ -34,5 +34,4 @@ rule train:
     resources:
         **rule_resources("train"),
     shell:
-        stage_cmd("train", processes=CFG.train.processes, nodes=CFG.resources.train.nodes, cpus=CFG.resources.train.cpus,
-                  extra="train.method={wildcards.method} run_seed={wildcards.seed}")
+        stage_cmd("train", processes=CFG.train.processes, extra="train.method={wildcards.method} run_seed={wildcards.seed}")
