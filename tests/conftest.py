@@ -25,6 +25,18 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=rank)  # stable: collection order within each rank
 
 
+@pytest.fixture(params=[1, 2], ids=["threads1", "threads2"])
+def torch_threads(request):
+    """Run a numerics test with 1 and with 2 intra-op threads: its bound must not depend on the
+    reduction order (tests/numerics.py)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 def load_reference() -> dict:
     """Released factor arrays (copied from the team's spec/reference_factors.yaml)."""
     import yaml

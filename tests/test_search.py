@@ -189,7 +189,8 @@ def test_search_options(tmp_path, toy_model_dir, books, options):
         assert res["fitness"] == "plain_ppl"
         facts = rope_facts_from_hf_config(json.loads((toy_model_dir / "config.json").read_text()))
         scaling = RopeScaling.longrope(facts, 512, long_factor=lam, attention_factor=res["attention_factor"])
-        assert res["fitness_value"] == pytest.approx(_plain_ppl_of(toy_model_dir, tmp_path, scaling), rel=1e-9)
+        # the search's threads vs this process's: float32 logits, float64 sums, so ~1e-7 of the value
+        assert res["fitness_value"] == pytest.approx(_plain_ppl_of(toy_model_dir, tmp_path, scaling), rel=1e-6)
 
 
 def _plain_ppl_of(model_dir, out, scaling):

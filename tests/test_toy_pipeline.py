@@ -1,25 +1,84 @@
 """The default job itself: the whole toy DAG (`snakemake --cores 2`, ~10 min), checked against its
 recorded (golden) figures and the acceptance lines of the pretrain, search, train and evaluate stages.
 
+The run is killed as a crash kills it (SIGKILL to Snakemake's whole process group) at four moments and
+rerun each time as `make run` reruns it (longrope2.stale_lock, then snakemake): its results must still
+be the recorded ones of an uninterrupted run, bit for bit, down to every sample's outcome.
+
 CI time: this runs one of the default's six methods, LongRoPE2 (the smoke DAG test runs a static
 method beside it); the six-method Table 2 of `make run` is recorded in docs/methods.md."""
 
+import hashlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import run_snakemake
+from conftest import REPO
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
+TOY_ARGS = ("--cores", "2", "--config", "out_dir={root}/results/toy", 'overrides=["methods=[longrope2]"]')
+
+
+def _kill_moments(out: Path) -> list[tuple[str, Callable[[], bool], Path]]:
+    """(moment, reached?, the output that must not exist yet when it is reached), in the DAG's order."""
+    def exists(pattern: str) -> Callable[[], bool]:
+        return lambda: any(out.glob(pattern))
+
+    return [
+        ("after pretraining", exists("base_model/config.json"), out / "seed0" / "search" / "longrope2" / "result.json"),
+        ("during the search", exists("seed0/search/longrope2/state/*.json"),
+         out / "seed0" / "search" / "longrope2" / "result.json"),
+        ("during the fine-tuning", exists("seed0/checkpoints/train-longrope2-*/step-*/trainer.json"),
+         out / "seed0" / "train" / "longrope2" / "train.json"),
+        ("during an evaluation", exists("seed0/eval/longrope2/*/*.json"), out / "report" / "report.md"),
+    ]
+
+
+def run_with_kills(root: Path, args: list[str], moments, timeout: float = 1800) -> list[dict]:
+    """Start the DAG, SIGKILL its process group when each moment is reached, rerun it the way `make run`
+    does (clear the stale lock, then snakemake); finally let it finish. What happened at each kill."""
+    snakemake = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), *args]
+    kills, start = [], time.monotonic()
+    for name, reached, pending in [*moments, (None, None, None)]:
+        if kills:  # the rerun, as `make run`: a lock left by the killed run is cleared first
+            unlock = subprocess.run([sys.executable, "-m", "longrope2.stale_lock", "--snakefile",
+                                     str(REPO / "Snakefile"), *args], cwd=root, capture_output=True, text=True)
+            assert unlock.returncode == 0, unlock.stderr[-3000:]
+            kills[-1]["lock_cleared"] = "running snakemake --unlock" in unlock.stderr
+        with open(root / f"snakemake-{len(kills)}.log", "w") as log:
+            proc = subprocess.Popen(snakemake, cwd=root, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)  # its own process group, as in a terminal
+            if name is None:
+                assert proc.wait(timeout=timeout) == 0, (root / f"snakemake-{len(kills)}.log").read_text()[-4000:]
+                break
+            while proc.poll() is None and not reached():
+                assert time.monotonic() - start < timeout, f"moment {name!r} not reached"
+                time.sleep(0.2)
+            assert proc.poll() is None, f"the run ended before the moment {name!r}"
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        kills.append({"moment": name, "at_s": round(time.monotonic() - start, 1), "pending": not pending.exists(),
+                      "locked": any((root / ".snakemake" / "locks").glob("*.lock"))})
+    return kills
 
 
 @pytest.fixture(scope="module")
-def toy_run(tmp_path_factory):
+def toy_killed(tmp_path_factory):
     root = tmp_path_factory.mktemp("toy")
-    proc = run_snakemake("--cores", "2", "--config", f"out_dir={root}/results/toy",
-                         'overrides=["methods=[longrope2]"]', cwd=root, timeout=1800)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return root / "results" / "toy"
+    out = root / "results" / "toy"
+    kills = run_with_kills(root, [a.format(root=root) for a in TOY_ARGS], _kill_moments(out))
+    return out, kills
+
+
+@pytest.fixture(scope="module")
+def toy_run(toy_killed):
+    return toy_killed[0]
 
 
 def test_toy_base_model_passes_the_gate_with_the_recorded_figures(toy_run):
@@ -109,3 +168,55 @@ def test_toy_evaluations_show_the_extension_with_the_recorded_figures(toy_run):
     assert "Fine-tuning: 120,000 tokens = 8.37 % of the base's 1,433,600 pretraining tokens" in text
     assert "| §3, critical dimension | 2 | 2 | 0 | 0 | reproduced |" in text
 
+
+
+# Every sample's outcome, per model and suite: the results a kill must not change (golden "outcomes").
+OUTCOME_FILES = ("eval/base/niah/niah.json", "eval/base/short/short.json", "seed0/eval/longrope2/niah/niah.json",
+                 "seed0/eval/longrope2/short/short.json", "seed0/eval_training_free/longrope2/niah/niah.json")
+REPORT_FILES = ("report/claims.md", "report/claims_detail.md", "report/niah.md")
+
+
+def _correct(result: object) -> object:
+    """Every `correct` list of a result (NIAH per length, short tasks per task), in place, nothing else."""
+    if isinstance(result, dict):
+        found = {k: v if k == "correct" else _correct(v) for k, v in result.items()}
+        return {k: v for k, v in found.items() if v is not None} or None
+    return None
+
+
+def outcome_digests(out: Path) -> dict[str, str]:
+    """sha256 of each result file's per-sample outcomes (`correct`) and of the report's claims and tables."""
+    digests = {}
+    for name in OUTCOME_FILES:
+        correct = _correct(json.loads((out / name).read_text()))
+        assert correct, f"{name}: no per-sample outcomes"
+        digests[name] = hashlib.sha256(json.dumps(correct, sort_keys=True).encode()).hexdigest()
+    for name in REPORT_FILES:
+        digests[name] = hashlib.sha256((out / name).read_bytes()).hexdigest()
+    return digests
+
+
+def test_a_run_killed_four_times_recovers_the_uninterrupted_results(toy_killed):
+    """Each kill hit a job before it finished and left Snakemake's lock, which the rerun cleared by
+    itself; afterwards every per-sample outcome and the claims equal the uninterrupted run's, and MLflow
+    shows the killed runs as KILLED and the stages that resumed."""
+    from mlflow.tracking import MlflowClient
+
+    out, kills = toy_killed
+    print(json.dumps(kills, indent=1))  # the figures of docs/testing.md
+    assert [k["moment"] for k in kills] == [m for m, _, _ in _kill_moments(out)]
+    for kill in kills:
+        assert kill["pending"] and kill["locked"] and kill["lock_cleared"], kill
+    assert outcome_digests(out) == json.loads((GOLDEN_DIR / "toy_pipeline.json").read_text())["outcomes"]
+
+    client = MlflowClient(f"sqlite:///{out.parent}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("longrope2").experiment_id], max_results=1000)
+    assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
+    parents = sorted((r for r in runs if "mlflow.parentRunId" not in r.data.tags), key=lambda r: r.info.start_time)
+    assert [p.info.status for p in parents] == ["KILLED"] * len(kills) + ["FINISHED"]
+    for killed, rerun in zip(parents, parents[1:]):  # each rerun closed the runs of the one before
+        assert killed.info.run_name in rerun.data.tags["recovered_runs"].split(", ")
+    killed_stages = {r.data.tags["stage"] for r in runs if r.info.status == "KILLED" and "stage" in r.data.tags}
+    assert {"search", "train", "evaluate"} <= {stage.split("-")[0] for stage in killed_stages}
+    resumed = {key for p in parents for key in p.data.tags if key.startswith("resumed.")}
+    assert {"resumed.search-longrope2-seed0", "resumed.train-longrope2-seed0"} <= resumed

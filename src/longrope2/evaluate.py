@@ -46,6 +46,7 @@ import yaml  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from longrope2 import backends, long_eval, longbench, methods, ruler, tables  # noqa: E402
+from longrope2.artifacts import load_tensors, read_json  # noqa: E402
 from longrope2.config import ConfigError, hydra_stage, run_dir  # noqa: E402
 from longrope2.inputs import BASE, eval_dir, load_causal_lm, needle_template, search_result  # noqa: E402
 from longrope2.outputs import atomic_dir, save_figure, write_json  # noqa: E402
@@ -149,7 +150,7 @@ def eval_ruler(cfg: DictConfig, model: Any, tokenizer: Any, data: Path, out: Pat
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    manifest = json.loads((data / "ruler.json").read_text())
+    manifest = read_json(data / "ruler.json", ("tasks",))
     r = cfg.eval.ruler
     configs, unavailable, mean_tokens = [], {}, {}
 
@@ -205,7 +206,7 @@ def eval_ruler(cfg: DictConfig, model: Any, tokenizer: Any, data: Path, out: Pat
 
 
 def _books(data: Path) -> list[torch.Tensor]:
-    return list(torch.load(data / "books.pt", weights_only=True)["ids"])
+    return list(load_tensors(data / "books.pt", ("ids",))["ids"])
 
 
 def eval_niah(cfg: DictConfig, model: Any, tokenizer: Any, data: Path, out: Path) -> dict[str, Any]:
@@ -303,7 +304,7 @@ def eval_short(cfg: DictConfig, model: Any, tokenizer: Any, data: Path, out: Pat
     summary: dict[str, Any] = {"window": int(s.window), "tasks": metrics,
                                "average": sum(in_average) / len(in_average) if in_average else None}
     if cfg.eval.variant != BASE and summary["average"] is not None:
-        base = json.loads((eval_dir(cfg, BASE, "short") / "short.json").read_text())
+        base = read_json(eval_dir(cfg, BASE, "short") / "short.json", ("average",))
         summary["base_average"] = base["average"]
         summary["retention"] = summary["average"] / base["average"] if base["average"] else None
     return summary

@@ -5,7 +5,6 @@ saved needle sets."""
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +12,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from longrope2 import corpus, hf_corpus, methods, toy
+from longrope2.artifacts import check_model_folder, damaged, first_line, load_tensors, read_json
 from longrope2.config import ConfigError, run_dir
 from longrope2.needle import NeedleSample, NeedleTemplate, template_for, unstack_samples
 
 BASE = "base"  # the evaluated variant that is the original model (original RoPE, not fine-tuned)
+NEEDLE_SET_KEYS = ("input_ids", "answer_mask", "needle_position", "plain_ids")  # a needle_data .pt file
 
 
 def eval_variants(cfg: DictConfig) -> list[str]:
@@ -43,7 +44,7 @@ def search_result(cfg: DictConfig, method: str, seed: int | None = None) -> dict
     if not path.is_file():
         raise ConfigError(f"method {method!r} takes its factors from search {search!r}: {path} is missing "
                           "(run stage search first; snakemake does)")
-    return json.loads(path.read_text())
+    return read_json(path)
 
 
 def lift_attention_window(config: Any, target_len: int) -> str | None:
@@ -85,6 +86,7 @@ def prepared_config(path: str, target_len: int, original_rope: bool = False) -> 
     checkpoint ships with dropped (reset_to_original_rope)."""
     from transformers import AutoConfig
 
+    check_model_folder(path)  # every model load (hf or vLLM) starts here: a damaged weights file named first
     config = AutoConfig.from_pretrained(path)
     changes = [lift_attention_window(config, target_len), reset_to_original_rope(config) if original_rope else None]
     return config, [c for c in changes if c]
@@ -152,12 +154,16 @@ def toy_pretrain_settings(cfg: DictConfig) -> toy.ToyPretrainSettings:
 
 def load_needle_sets(folder: Path) -> dict[str, tuple[list[NeedleSample], torch.Tensor]]:
     """Every needle set stage needle_data wrote: split -> (samples, plain_ids); a size-0 split is absent."""
-    meta = json.loads((folder / "needle_data.json").read_text())
+    meta = read_json(folder / "needle_data.json")
     sets = {}
     for split in ("search", "validation", "validation_short"):
         if split in meta:
-            tensors = torch.load(folder / f"{split}.pt", weights_only=True)
-            sets[split] = unstack_samples(tensors, meta[split]["meta"]), tensors["plain_ids"]
+            path = folder / f"{split}.pt"
+            tensors = load_tensors(path, NEEDLE_SET_KEYS)
+            try:
+                sets[split] = unstack_samples(tensors, meta[split]["meta"]), tensors["plain_ids"]
+            except (ValueError, KeyError, TypeError) as err:  # the two files are not of one run
+                raise damaged(path, f"does not match needle_data.json: {first_line(err)}") from None
     return sets
 
 

@@ -117,7 +117,8 @@ def label_weights(loss_weight: Tensor, labels: Tensor) -> Tensor:
 
 
 def _chunk_nll(head: nn.Module, hidden: Tensor, labels: Tensor, weights: Tensor | None) -> Tensor:
-    logits = head(hidden).float()  # (B, chunk, V): lives only inside this chunk
+    logits = head(hidden)  # (B, chunk, V): lives only inside this chunk
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16/fp16 -> fp32; fp64 stays
     nll = nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
     return (nll * weights).sum() if weights is not None else nll.sum()
 
@@ -136,7 +137,7 @@ def chunked_causal_lm_loss(hidden: Tensor, head: nn.Module, labels: Tensor, chun
         raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} disagree")
     if weights is not None and weights.shape != labels.shape:
         raise ValueError(f"weights {tuple(weights.shape)} and labels {tuple(labels.shape)} disagree")
-    total = hidden.new_zeros((), dtype=torch.float32)
+    total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
     for t in range(0, hidden.shape[1], chunk):
         h, y = hidden[:, t : t + chunk], labels[:, t : t + chunk]
         w = weights[:, t : t + chunk] if weights is not None else None

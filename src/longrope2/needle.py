@@ -286,7 +286,8 @@ def needle_sample_losses(
                     rows_t = torch.tensor(rows, device=device)
                     cols_t = torch.tensor(cols, device=device)
                     # Position t-1 predicts token t.
-                    logits = head(hidden[rows_t, cols_t - 1]).float()
+                    logits = head(hidden[rows_t, cols_t - 1])
+                    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32
                     targets = ids[rows_t, cols_t]
                     tok_nll = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
                     tok_ok = logits.argmax(-1) == targets

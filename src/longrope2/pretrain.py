@@ -60,6 +60,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     seeds = [int(cfg.seed) + k for k in range(settings.max_seed_tries)]
 
     with stage_run(cfg, "pretrain") as tracker:
+        checkpoints = sorted(checkpoint_dir(cfg, settings).glob("**/checkpoint.pt"))
+        if checkpoints:
+            tracker.mark_resumed(f"{len(checkpoints)} checkpoint(s) in {checkpoint_dir(cfg, settings)}")
         start = time.monotonic()
         model, tokenizer, gate, seed_used, attempts = toy.pretrain_with_gate(
             settings, train_docs, heldout_docs, seeds, checkpoint_dir(cfg, settings), log_fn=tracker.log_metrics

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ import yaml  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from longrope2 import claims, methods, rope, ruler, tables  # noqa: E402
+from longrope2.artifacts import read_json  # noqa: E402
 from longrope2.config import ConfigError, finetune_tokens, hydra_stage, run_dir, to_dict  # noqa: E402
 from longrope2.inputs import BASE, eval_dir, eval_variants  # noqa: E402
 from longrope2.outputs import atomic_dir, save_figure  # noqa: E402
@@ -82,7 +82,7 @@ def load_results(cfg: DictConfig) -> dict[str, dict[str, dict[str, Any]]]:
             missing += absent
             continue
         name = claims.training_free(variant) if free else variant
-        results.setdefault(suite, {})[name] = tables.mean_over_seeds([json.loads(p.read_text()) for p in paths])
+        results.setdefault(suite, {})[name] = tables.mean_over_seeds([read_json(p) for p in paths])
     if missing:
         raise ConfigError(f"report: evaluation results missing (run stage evaluate first): {', '.join(missing)}")
     return results
@@ -93,7 +93,7 @@ def _label(n: int) -> str:
 
 
 def _read(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_json(path) if path.is_file() else None
 
 
 def paired_outcomes(cfg: DictConfig) -> tuple[dict[tuple[str, str], list[int]], dict[str, str]]:
@@ -253,7 +253,7 @@ def plot_factors_by_method(cfg: DictConfig, path: Path) -> bool:
     for method in cfg.methods:
         for k in seeds(cfg):
             summary = run_dir(cfg, k) / "train" / str(method) / "train.json"
-            lam = json.loads(summary.read_text()).get("long_factor") if summary.is_file() else None
+            lam = read_json(summary).get("long_factor") if summary.is_file() else None
             if lam:
                 curves.setdefault(str(method), []).append(lam)
     if not curves:

@@ -24,8 +24,10 @@ import torch
 from torch import Tensor
 
 from longrope2 import mixed
+from longrope2.artifacts import damaged, first_line
 
 UINT16_VOCAB = 1 << 16
+INDEX_KEYS = ("is_long", "doc_lengths", "doc_offsets", "spans", "span_weights", "span_offsets")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -110,13 +112,57 @@ def write_shard(folder: Path, name: str, rows: list[EncodedRow]) -> None:
                  doc_offsets=doc_offsets, spans=spans, span_weights=weights, span_offsets=span_offsets)
 
 
+def _tokens_size(path: Path) -> tuple[int, int]:
+    """(bytes the .npy header says the file holds, bytes it holds); an unreadable header is damage."""
+    try:
+        with path.open("rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(f)
+            expected = f.tell() + int(np.prod(shape)) * dtype.itemsize
+    except (OSError, ValueError) as err:
+        raise damaged(path, f"cannot be read: {first_line(err)}") from None
+    return expected, path.stat().st_size
+
+
+def _index_problem(index: dict[str, np.ndarray], n: int) -> str | None:
+    """What in a shard's index does not fit its n token rows, or None."""
+    absent = [k for k in INDEX_KEYS if k not in index]
+    if absent:
+        return f"lacks {', '.join(absent)}"
+    docs, spans = index["doc_offsets"], index["span_offsets"]
+    if len(index["is_long"]) != n or len(docs) != n + 1 or len(spans) != n + 1:
+        return f"indexes {len(index['is_long'])} rows but the tokens file holds {n}"
+    if docs[-1] != len(index["doc_lengths"]) or spans[-1] != len(index["spans"]) \
+            or spans[-1] != len(index["span_weights"]):
+        return "its offsets do not match its documents or weight spans"
+    return None
+
+
 class Shard:
-    """One stored shard, tokens memory-mapped: ``row(i)`` reads only row i's tokens from disk."""
+    """One stored shard, tokens memory-mapped: ``row(i)`` reads only row i's tokens from disk.
+
+    Opening it checks both files against their own metadata (the .npy header's shape, the index's row
+    count), so a truncated or half-written shard fails here, before any row is read."""
 
     def __init__(self, folder: Path, name: str) -> None:
-        self.tokens = np.load(folder / f"{name}.tokens.npy", mmap_mode="r")
-        with np.load(folder / f"{name}.index.npz") as z:
-            self.index = {k: z[k] for k in z.files}
+        tokens, index = folder / f"{name}.tokens.npy", folder / f"{name}.index.npz"
+        for path in (tokens, index):
+            if not path.is_file():
+                raise damaged(path, "missing")
+        expected, actual = _tokens_size(tokens)
+        if actual < expected:  # numpy would refuse to map it, with no word of which file or why
+            raise damaged(tokens, f"truncated: {actual} bytes, its header says {expected}")
+        self.tokens = np.load(tokens, mmap_mode="r")
+        try:
+            with np.load(index) as z:
+                self.index = {k: z[k] for k in z.files}
+        except Exception as err:  # noqa: BLE001 - a cut zip or member (BadZipFile, EOFError, ValueError, ...)
+            raise damaged(index, f"cannot be read: {first_line(err)}") from None
+        problem = _index_problem(self.index, len(self))
+        if problem:
+            raise damaged(index, problem)
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])

@@ -45,6 +45,7 @@ from omegaconf import DictConfig  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from longrope2 import evolution, fitness, methods, rope  # noqa: E402
+from longrope2.artifacts import DamagedInputError, read_json  # noqa: E402
 from longrope2.config import ConfigError, hydra_stage, run_dir, run_seed, to_dict  # noqa: E402
 from longrope2.evolution import Individual, SearchSpace  # noqa: E402
 from longrope2.inputs import load_causal_lm, load_needle_sets  # noqa: E402
@@ -93,6 +94,8 @@ def load_model(cfg: DictConfig, device: torch.device) -> tuple[torch.nn.Module, 
     try:
         model = load_causal_lm(str(cfg.model.path), int(cfg.target_len), original_rope=True, dtype=dtype,
                                attn_implementation="sdpa")
+    except DamagedInputError:  # names the damaged file and its rule already
+        raise
     except (OSError, ValueError) as err:
         raise ConfigError(f"model.path = {cfg.model.path!r}: cannot load a causal LM there ({err})") from None
     model.to(device).eval()
@@ -369,7 +372,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def _run(cfg: DictConfig, workers: Workers) -> dict[str, Any]:
     out = run_dir(cfg) / "search" / str(cfg.search.method)
     needle_dir = run_dir(cfg) / "needle_data"
-    dims = json.loads((Path(cfg.out_dir) / "critical_dim" / "critical_dim.json").read_text())
+    dims = read_json(Path(cfg.out_dir) / "critical_dim" / "critical_dim.json", ("d_tcd", "d10_tcd"))
     ranges = c_ranges(cfg, dims)  # checked before the model loads
     needle_sets = load_needle_sets(needle_dir)  # split -> (samples, plain_ids)
     samples, plain_ids = needle_sets["search"]
@@ -396,6 +399,7 @@ def _run(cfg: DictConfig, workers: Workers) -> dict[str, Any]:
     with tracker_cm as tracker:
         if resumed and workers.main:
             print(f"resuming the search from {state_path} ({resumed} finished iterations)")
+            tracker.mark_resumed(f"{resumed} finished iterations from {state_path}")
         for h in state["history"]:  # a resumed run logs its earlier iterations again
             tracker.log_metrics({"best_fitness": h["best_fitness"], "median_fitness": h["median_fitness"]},
                                 step=h["step"])

@@ -69,6 +69,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from longrope2 import methods, mixed  # noqa: E402
 from longrope2 import rows as rows_format  # noqa: E402
+from longrope2.artifacts import DamagedInputError, damaged, read_json  # noqa: E402
 from longrope2.config import ConfigError, hydra_stage, run_dir, run_seed, to_dict  # noqa: E402
 from longrope2.fitness import needle_fitness  # noqa: E402
 from longrope2.inputs import load_causal_lm, load_needle_sets, load_tokenizer  # noqa: E402
@@ -94,7 +95,7 @@ def search_result_path(cfg: DictConfig) -> Path | None:
 
 def method_scaling(cfg: DictConfig, facts: RopeFacts) -> RopeScaling:
     path = search_result_path(cfg)  # checked before any compute in _run
-    result = None if path is None else json.loads(path.read_text())
+    result = None if path is None else read_json(path)
     return methods.method_scaling(str(cfg.train.method), facts, int(cfg.target_len), result)
 
 
@@ -112,15 +113,22 @@ class Rows:
         meta_path = folder / "train_data.json"
         if not meta_path.is_file():
             raise ConfigError(f"{folder}: no train_data.json; run stage train_data first")
-        self.meta = json.loads(meta_path.read_text())
+        self.meta = read_json(meta_path, ("shards", "rows", "target_len"))
         if any(str(name).endswith(".pt") for name in self.meta["shards"]):
             raise ConfigError(f"{folder}: rows in the old dense .pt format; accepted: the compact format "
                               "(longrope2.rows): rerun stage train_data")
+        # Every shard opened (and checked against its own header and index) before any compute.
         self.shards = [rows_format.Shard(folder, name) for name in self.meta["shards"]]
         self.offsets = [0]
         for shard in self.shards:
             self.offsets.append(self.offsets[-1] + len(shard))
         self.length = int(self.meta["target_len"])
+        for name, shard in zip(self.meta["shards"], self.shards, strict=True):
+            if shard.tokens.shape[1] != self.length:
+                raise damaged(folder / f"{name}.tokens.npy", f"rows of {shard.tokens.shape[1]} tokens, "
+                                                             f"train_data.json says {self.length}")
+        if len(self) != int(self.meta["rows"]):
+            raise damaged(meta_path, f"says {self.meta['rows']} rows, its shards hold {len(self)}")
 
     def __len__(self) -> int:
         return self.offsets[-1]
@@ -191,6 +199,8 @@ def load_base(cfg: DictConfig, attn: str, dtype: torch.dtype) -> tuple[nn.Module
     try:  # the attention window lifted to cover target_len: the exported config keeps it lifted
         model = load_causal_lm(str(cfg.model.path), int(cfg.target_len), original_rope=True, dtype=dtype,
                                attn_implementation=attn)
+    except DamagedInputError:  # names the damaged file and its rule already
+        raise
     except (OSError, ValueError, ImportError) as err:
         raise ConfigError(f"model.path = {cfg.model.path!r} (train.attn_implementation = {attn!r}): cannot load "
                           f"a causal LM ({err})") from None
@@ -531,6 +541,8 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     params = [p for p in model.parameters() if p.requires_grad]
     tracker_cm = stage_run(cfg, f"train-{variant}", per_seed=True) if main else contextlib.nullcontext(StageRun())
     with tracker_cm as tracker:
+        if last is not None:
+            tracker.mark_resumed(f"step {start} of {steps} from {last}")
         for h in history:
             _log(tracker, h)
         bar = tqdm(total=steps, initial=start, desc=f"train {variant}", disable=not main, dynamic_ncols=True)
