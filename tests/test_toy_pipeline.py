@@ -32,7 +32,7 @@ def _kill_moments(out: Path) -> list[tuple[str, Callable[[], bool], Path]]:
 
     return [
         ("after pretraining", exists("base_model/config.json"), out / "seed0" / "search" / "longrope2" / "result.json"),
-        ("during the search", exists("seed0/search/longrope2/state/*.json"),
+        ("during the search", exists("seed0/search/longrope2/state/[!.]*.json"),  # not the .partial being written
          out / "seed0" / "search" / "longrope2" / "result.json"),
         ("during the fine-tuning", exists("seed0/checkpoints/train-longrope2-*/step-*/trainer.json"),
          out / "seed0" / "train" / "longrope2" / "train.json"),
@@ -167,7 +167,6 @@ def test_toy_evaluations_show_the_extension_with_the_recorded_figures(toy_run):
     assert "**Short tasks and retention (Table 4)**" in text and "| longrope2 | 90.62 | 90.62 |" in text
     assert "Fine-tuning: 120,000 tokens = 8.37 % of the base's 1,433,600 pretraining tokens" in text
     assert "| §3, critical dimension | 2 | 2 | 0 | 0 | reproduced |" in text
-
 
 
 # Every sample's outcome, per model and suite: the results a kill must not change (golden "outcomes").
