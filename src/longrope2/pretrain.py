@@ -59,13 +59,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     train_docs, heldout_docs = [t for _, t in train_named], [t for _, t in heldout_named]
     seeds = [int(cfg.seed) + k for k in range(settings.max_seed_tries)]
 
+    work_dir = checkpoint_dir(cfg, settings)
     with stage_run(cfg, "pretrain") as tracker:
-        checkpoints = sorted(checkpoint_dir(cfg, settings).glob("**/checkpoint.pt"))
+        checkpoints = sorted(work_dir.glob("**/checkpoint.pt"))
         if checkpoints:
-            tracker.mark_resumed(f"{len(checkpoints)} checkpoint(s) in {checkpoint_dir(cfg, settings)}")
+            tracker.mark_resumed(f"{len(checkpoints)} checkpoint(s) in {work_dir}")
         start = time.monotonic()
         model, tokenizer, gate, seed_used, attempts = toy.pretrain_with_gate(
-            settings, train_docs, heldout_docs, seeds, checkpoint_dir(cfg, settings), log_fn=tracker.log_metrics
+            settings, train_docs, heldout_docs, seeds, work_dir, log_fn=tracker.log_metrics
         )
         wall_s = time.monotonic() - start
         with atomic_dir(model_dir) as scratch:
