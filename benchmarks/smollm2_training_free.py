@@ -55,7 +55,7 @@ def main(folder: str = "results/smollm2_16k") -> None:
         print(f"| {LABELS[m]} | " + " | ".join(cells) + f" | {len(per[lengths[0]]['correct'])} per length |")
     if REFERENCE not in data:
         return
-    print(f"\nPaired against {LABELS[REFERENCE]} (method - rule; 95 % paired bootstrap intervals):\n")
+    print(f"\nPaired against {LABELS[REFERENCE]} (method - rule; 95 % paired intervals: Tango's score interval for EM, t for NLL):\n")
     print("| method | length | EM diff [95 % CI] | McNemar p | answer NLL diff [95 % CI] | needle-PPL ratio |")
     print("|---|---|---|---|---|---|")
     for m in data:

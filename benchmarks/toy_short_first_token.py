@@ -20,7 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from longrope2.stats import paired_difference
+from longrope2.stats import replicated_difference
 
 METHODS = ["none", "pi", "ntk", "yarn", "longrope", "longrope2"]
 
@@ -57,18 +57,18 @@ def main(run: Path) -> None:
     print(f"{'model':<10} {'seed':>4} {'whole':>6} {'number':>7}  first-token misses")
     print(f"{'base':<10} {'':>4} {sum(base['whole']) / len(samples):>6.3f} {sum(base['number']) / len(samples):>7.3f}"
           f"  {base['first_misses']}")
-    pooled = {m: {"whole": [], "number": []} for m in METHODS}
+    per_seed = {m: {"whole": [], "number": []} for m in METHODS}
     for seed in seeds:
         for method in METHODS:
             o = outcomes(run / f"seed{seed}" / "train" / method / "model", samples, tokenizer.bos_token_id, tokenizer)
-            pooled[method]["whole"] += o["whole"]
-            pooled[method]["number"] += o["number"]
+            per_seed[method]["whole"].append(o["whole"])
+            per_seed[method]["number"].append(o["number"])
             print(f"{method:<10} {seed:>4} {sum(o['whole']) / len(samples):>6.3f} "
                   f"{sum(o['number']) / len(samples):>7.3f}  {o['first_misses']}")
-    print("\npooled over seeds, model - base on the same samples [95 % paired bootstrap]:")
+    print("\nover seeds, model - base on the same samples, each sample and seed counted once [95 % interval]:")
     for method in METHODS:
         for kind in ("whole", "number"):
-            d = paired_difference(pooled[method][kind], base[kind] * len(seeds))
+            d = replicated_difference([(o, base[kind]) for o in per_seed[method][kind]], shared_items=True)
             print(f"{method:<10} {kind:<7} {d.diff:+.3f} [{d.low:+.3f}, {d.high:+.3f}] n={d.n} p={d.p_value:.3g}")
 
 

@@ -1,6 +1,7 @@
 """`longrope2 critical-dim`: human and JSON output, config.json input, errors."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -96,3 +97,36 @@ def test_module_entry_point():
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["d_tcd"] == 35
+
+
+FACTORS_ARGS = ["factors", "--head-dim", "128", "--rope-base", "500000", "--train-len", "8192", "--target-len", "131072"]
+
+
+def test_factors_ntk_is_the_papers(capsys):
+    """The issue's command: the paper's NTK for LLaMA3-8B 8k -> 128k, against the closed form s^(i / d_tcd)."""
+    code, out = run(capsys, FACTORS_ARGS + ["--method", "ntk"])
+    assert code == 0
+    r = json.loads(out)
+    c = 128 * math.log(8192 / (2 * math.pi)) / (2 * math.log(500_000))
+    assert r["d_tcd_real"] == pytest.approx(c, rel=1e-12) and r["d_tcd"] == 35
+    assert r["long_factor"] == pytest.approx([16.0 ** (i / c) for i in range(64)], rel=1e-12)
+    assert r["long_factor"][63] == pytest.approx(147.37, abs=0.01) and r["short_factor"] == r["long_factor"]
+    assert r["rope_parameters"]["rope_type"] == "default" and not r["switches"]
+    aware = json.loads(run(capsys, FACTORS_ARGS + ["--method", "ntk_aware"])[1])
+    assert aware["long_factor"][63] == pytest.approx(16.0, rel=1e-12)
+
+
+def test_factors_rule_and_searched_methods(tmp_path, capsys):
+    rule = json.loads(run(capsys, FACTORS_ARGS + ["--method", "longrope2_dtcd"])[1])
+    assert rule["long_factor"][35:] == [16.0] * 29 and rule["short_factor"] == [1.0] * 64 and rule["switches"]
+    err = run_error(capsys, FACTORS_ARGS + ["--method", "longrope2"])
+    assert "--search-result" in err and "longrope2_dtcd" in err
+    result = tmp_path / "result.json"
+    tail = [16.0 + 0.1 * j for j in range(29)]
+    result.write_text(json.dumps({"critical_dim": 35, "attention_factor": 1.1435,
+                                  "long_factor": [tail[0] ** (i / 35) for i in range(35)] + tail}))
+    r = json.loads(run(capsys, FACTORS_ARGS + ["--method", "longrope2", "--search-result", str(result)])[1])
+    assert r["long_factor"][35:] == pytest.approx(tail) and r["critical_dim"] == 35
+    rcd = json.loads(run(capsys, FACTORS_ARGS + ["--method", "ntk_rcd", "--search-result", str(result)])[1])
+    assert rcd["long_factor"][35] == pytest.approx(16.0, rel=1e-12)  # NTK at the searched c: λ_c = s
+    assert "invalid choice: 'ntk2'" in run_error(capsys, FACTORS_ARGS + ["--method", "ntk2"])

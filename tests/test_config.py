@@ -48,6 +48,9 @@ def test_paper_experiments_carry_the_paper_settings(experiment, train_len, targe
     assert (cfg.train.lr, cfg.train.global_batch, tuple(cfg.train.betas)) == (2e-5, 64, (0.9, 0.95))
     assert cfg.train.length_mix[0].max_len == train_len
     assert [b.tokens for b in cfg.train.length_mix] == [3_000_000_000, 3_000_000_000, 4_000_000_000]  # Table 1
+    # §4.1: short documents from FineWeb-Edu, long ones (buckets 1, 2: L_train ... 200k) from RedPajama / StarCoder
+    assert {c.name: list(c.buckets) for c in cfg.data.train_set.corpora} == {
+        "redpajama_v1": [1, 2], "redpajama_v2": [1, 2], "starcoder": [1, 2], "fineweb_edu": [0]}
     assert (cfg.train.epochs, cfg.train.warmup_steps, cfg.train.weight_decay, cfg.train.grad_clip) == (1, 40, 0.0, 1.0)
     assert (cfg.train.processes, cfg.resources.train.gpu, cfg.train.distributed) == (8, 8, "fsdp")
 
@@ -116,6 +119,21 @@ def test_interpolations_follow_overrides():
         (["eval.training_free_suites=[ruler]"],
          'eval.training_free_suites = ["ruler"]: accepted: suites of eval.suites (niah, short, ppl)'),
         (["eval.niah.runs_by_length={1024:0}"], "eval.niah.runs_by_length.1024 = 0: accepted: a value >= 1"),
+        # data.train_set.corpora[i].buckets: indices of train.length_mix, every bucket fed by some corpus
+        (["experiment=llama3_8b_128k", "data.train_set.corpora.3.buckets=[3]"],
+         "data.train_set.corpora.3.buckets = [3] (corpus 'fineweb_edu'): accepted: null (every bucket) or a non-empty "
+         "list of bucket indices of train.length_mix, 0 ... 2 (3 buckets; 0 is the short one, max_len = "
+         "model.train_len)"),
+        (["experiment=phi3_mini_128k", "data.train_set.corpora.3.buckets=[1,2]"],
+         "data.train_set.corpora.<i>.buckets = {redpajama_v1: [1, 2], redpajama_v2: [1, 2], starcoder: [1, 2], "
+         "fineweb_edu: [1, 2]}: no corpus feeds bucket 0 of train.length_mix; accepted: lists that together cover "
+         "every bucket 0 ... 2 (null or absent: every bucket)"),
+        (["experiment=phi4_mini_128k", "data.train_set.corpora.0.buckets=[1,1]"],
+         "data.train_set.corpora.0.buckets = [1, 1]: accepted: a list without repeated items"),
+        # a paper preset on two buckets: its long corpora name bucket 2
+        (["experiment=llama3_8b_128k", "train.length_mix=[{max_len:8192,tokens:1000},{max_len:131072,tokens:1000}]"],
+         "data.train_set.corpora.0.buckets = [1, 2] (corpus 'redpajama_v1'): accepted: null (every bucket) or a "
+         "non-empty list of bucket indices of train.length_mix, 0 ... 1"),
     ],
 )
 def test_bad_values_are_rejected_with_key_value_and_accepted(overrides, message):

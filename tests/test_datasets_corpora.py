@@ -159,6 +159,23 @@ def test_weights_are_token_shares(tmp_path, toy_model_dir):
     assert 0.35 < share < 0.65, stats
 
 
+def test_a_corpus_whose_buckets_are_full_is_read_no_further(tmp_path, toy_model_dir):
+    # web (streamed, short documents, weight 100) feeds only the short bucket, books (long documents, weight 1)
+    # only the long one. Once the short bucket is full web is drawn no more: drawn on at its weight, its 300
+    # documents would run out long before books gave the long rows (~1 draw in 2000), and the stage would stop.
+    web = _parquet(tmp_path / "web", [t for i, t in enumerate(_texts(400, seed=4)) if i % 4])
+    books = _parquet(tmp_path / "books", [t for i, t in enumerate(_texts(160, seed=5)) if not i % 4])
+    train_data.run(_cfg(tmp_path, toy_model_dir, _corpora(
+        {"name": "web", "path": str(web), "weight": 100.0, "streaming": True, "buckets": [0]},
+        {"name": "books", "path": str(books), "weight": 1.0, "buckets": [1]})))
+    meta, t = _rows(tmp_path / "out")
+    assert [b["rows"] for b in meta["buckets"]] == [10, 8] and int(t["is_long"].sum()) == 8
+    stats = {c["name"]: c for c in meta["stats"]["corpora"]}
+    # web's every drawn document went into the short rows, none after they were complete; the stream did not end
+    assert stats["web"]["documents_drawn"] == stats["web"]["documents_used"] == meta["buckets"][0]["documents"] < 300
+    assert stats["books"]["documents_used"] == meta["buckets"][1]["documents"]
+
+
 # --------------------------------------------------------------------------- errors
 
 
@@ -208,6 +225,23 @@ def test_a_stream_that_ends_before_the_rows_are_complete(tmp_path, toy_model_dir
         f"after 12 documents, {tokens} tokens, before the rows were complete (needed: its share by weight, "
         f"{round(TOTAL * 3 / 4)} of the {TOTAL} tokens of train.length_mix, and more where documents fall into "
         "full buckets); accepted: a larger split, streaming: false (documents repeat), or a lower weight")
+
+
+def test_a_stream_that_ends_names_its_share_of_the_buckets_it_feeds(tmp_path, toy_model_dir):
+    # web feeds buckets 0 and 1, big bucket 1 only: web's share is all of bucket 0 (2560 tokens) and 3 / (3 + 1)
+    # of bucket 1 (2048 tokens): 4096 of the 4608 tokens of its buckets.
+    texts = _texts(12)
+    folder = _parquet(tmp_path / "short", texts)
+    tok = AutoTokenizer.from_pretrained(toy_model_dir)
+    tokens = sum(len(tok(t, add_special_tokens=False)["input_ids"]) + 2 for t in texts)  # + BOS, EOS
+    _fails(tmp_path, _cfg(tmp_path, toy_model_dir, _corpora(
+        {"name": "big", "path": str(_parquet(tmp_path / "big", _texts(100))), "weight": 1.0, "buckets": [1]},
+        {"name": "web", "path": str(folder), "weight": 3.0, "streaming": True, "buckets": [0, 1]})),
+        f"data.train_set.corpora[1]: corpus 'web', dataset {folder} (split train, streaming): the stream ended "
+        f"after 12 documents, {tokens} tokens, before the rows were complete (needed: its share by weight in the "
+        "buckets it feeds, 4096 of the 4608 tokens of its train.length_mix buckets [0, 1], and more where documents "
+        "fall into full buckets or buckets it does not feed); accepted: a larger split, streaming: false (documents "
+        "repeat), or a lower weight")
 
 
 @pytest.mark.parametrize("weight", [0, -1])

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
+import re
 import shutil
 
 import pytest
+import torch
 
 from longrope2 import eval_data, evaluate
 from longrope2.config import ConfigError, compose_config
@@ -73,6 +76,94 @@ def test_eval_data_is_deterministic_and_records_what_does_not_fit(evaluated, tmp
         assert (tmp_path / "out" / "eval_data" / name).read_text() == (out / "eval_data" / name).read_text()
 
 
+def _rows(out, task):
+    return [json.loads(line) for line in (out / "eval_data" / "short" / f"{task}.jsonl").read_text().splitlines()]
+
+
+def test_choice_task_data(evaluated, tmp_path, toy_model_dir, books):
+    """toy_short_choice: the needle prompt and 4 distinct numbers, one of them the needle's, at every
+    position, prompt + any choice within the window as the harness tokenizes it (BOS included)."""
+    from transformers import AutoTokenizer
+
+    out, _ = evaluated
+    cfg = _cfg(tmp_path, toy_model_dir, books, "eval.suites=[short]", "eval.short.samples=40")
+    eval_data.run(cfg)
+    rows = _rows(tmp_path / "out", "toy_short_choice")
+    assert rows[:6] == _rows(out, "toy_short_choice")  # sample k does not depend on the sample count
+    tokenizer = AutoTokenizer.from_pretrained(toy_model_dir)
+    assert len(rows) == 40 and [r["id"] for r in rows] == [f"toy_short_choice/{k}" for k in range(40)]
+    for row in rows:
+        choices = row["choices"]
+        assert len(choices) == 4 and len(set(choices)) == 4
+        assert all(c.startswith(" ") and c[1:].isdigit() and len(c) == len(choices[0]) for c in choices)
+        key = re.search(r"special magic number for (\w+) is$", row["context"]).group(1)
+        stated = re.findall(rf"magic numbers for {key} is: (\d+)\.", row["context"])
+        assert len(stated) == 1 and [c[1:] for c in choices].count(stated[0]) == 1
+        assert choices[row["answer"]] == " " + stated[0]
+        for choice in choices:
+            assert len(tokenizer(row["context"] + choice)["input_ids"]) <= 64  # eval.short.window
+    positions = [r["answer"] for r in rows]
+    assert set(positions) == {0, 1, 2, 3} and max(map(positions.count, range(4))) <= 20
+    for task in eval_data.TOY_SHORT_TASKS:  # every task's rows carry their ids
+        assert [r["id"] for r in _rows(out, task)] == [f"{task}/{k}" for k in range(6)]
+
+
+def test_choice_task_fails_when_a_choice_overflows_the_window(monkeypatch, toy_model_dir, books):
+    from transformers import AutoTokenizer
+
+    from longrope2.inputs import template_for
+
+    tokenizer = AutoTokenizer.from_pretrained(toy_model_dir)
+    ids = torch.tensor(tokenizer((books / "book_0.txt").read_text(), add_special_tokens=False)["input_ids"])
+    build = eval_data.build_needle_sample
+    monkeypatch.setattr(eval_data, "build_needle_sample", lambda tok, hay, length, *a, **kw: build(
+        tok, hay, length + 1, *a, **kw))  # a builder that overshoots by one token
+    with pytest.raises(ValueError, match=r"toy_short_choice: prompt \+ choice is 65 tokens, over "
+                                         r"eval.short.window = 64"):
+        eval_data.choice_row(tokenizer, ids, 64, 0.5, random.Random(0), template_for("toy", 5))
+
+
+def test_choice_task_acc_is_the_argmax_of_choice_loglikelihoods(evaluated, toy_model_dir, tmp_path):
+    """Oracle: each choice's log-likelihood after the context, summed over its tokens with plain
+    transformers; lm-eval, on the stage's task YAML, logs those numbers, and its per-document acc (the
+    stage's `correct`) is argmax == answer."""
+    import lm_eval
+    import yaml
+    from lm_eval.tasks import TaskManager
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, results = evaluated
+    tokenizer = AutoTokenizer.from_pretrained(toy_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(toy_model_dir, dtype=torch.float32).eval()
+    rows = _rows(out, "toy_short_choice")
+    oracle = []
+    for row in rows:
+        scores = []
+        for choice in row["choices"]:
+            context = tokenizer(row["context"])["input_ids"]  # BOS first, as the harness
+            whole = tokenizer(row["context"] + choice)["input_ids"]
+            assert whole[:len(context)] == context
+            with torch.inference_mode():
+                logprobs = model(torch.tensor([whole])).logits[0].log_softmax(-1)
+            scores.append(sum(float(logprobs[t - 1, whole[t]]) for t in range(len(context), len(whole))))
+        ranked = sorted(scores, reverse=True)
+        assert ranked[0] - ranked[1] > 1e-4  # no near-tie that float noise could flip
+        oracle.append(scores)
+    # the per-choice numbers lm-eval scores, through the same task YAML and harness as stage evaluate
+    spec = evaluate.toy_task_yaml("toy_short_choice", out / "eval_data" / "short" / "toy_short_choice.jsonl")
+    (tmp_path / "toy_short_choice.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    logged = lm_eval.simple_evaluate(model=evaluate.harness(model, tokenizer, 64, 2), tasks=["toy_short_choice"],
+                                     log_samples=True, verbosity="WARNING",
+                                     task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False))
+    logged = sorted(logged["samples"]["toy_short_choice"], key=lambda r: r["doc_id"])
+    flags = results["base", "short"]["tasks"]["toy_short_choice"]["correct"]
+    assert len(flags) == len(logged) == len(rows) == 6
+    for row, scores, sample, flag in zip(rows, oracle, logged, flags, strict=True):
+        assert [float(ll) for ll, _ in sample["filtered_resps"]] == pytest.approx(scores, abs=1e-4)
+        assert flag == sample["acc"] == int(max(range(4), key=scores.__getitem__) == row["answer"])
+        assert sample["acc_norm"] == sample["acc"]  # choices of one length: the same ranking
+
+
 def test_every_suite_writes_one_result_per_variant(evaluated):
     out, results = evaluated
     for (variant, suite), result in results.items():
@@ -100,13 +191,17 @@ def test_every_suite_writes_one_result_per_variant(evaluated):
 
 
 def test_short_tasks_and_retention(evaluated):
-    _, results = evaluated
+    out, results = evaluated
     base, tuned = results["base", "short"], results["tuned", "short"]
-    assert set(base["tasks"]) == {"toy_short_needle", "toy_short_ppl"}
-    assert base["average"] == base["tasks"]["toy_short_needle"]["value"]  # perplexity stays out of the average
-    flags = base["tasks"]["toy_short_needle"]["correct"]  # every document's outcome, for paired comparisons
-    assert len(flags) == 6 and sum(flags) / 6 == pytest.approx(base["average"])
-    assert "correct" not in base["tasks"]["toy_short_ppl"]
+    assert set(base["tasks"]) == {"toy_short_needle", "toy_short_ppl", "toy_short_choice"}
+    accuracies = [base["tasks"][t]["value"] for t in ("toy_short_needle", "toy_short_choice")]
+    assert base["average"] == pytest.approx(sum(accuracies) / 2)  # perplexity stays out of the average
+    for task in ("toy_short_needle", "toy_short_choice"):
+        flags = base["tasks"][task]["correct"]  # every document's outcome, for paired comparisons
+        assert len(flags) == 6 and sum(flags) / 6 == pytest.approx(base["tasks"][task]["value"])
+        # beside it, which sample each one is: the data rows' ids, in order
+        assert base["tasks"][task]["ids"] == [row["id"] for row in _rows(out, task)]
+    assert "correct" not in base["tasks"]["toy_short_ppl"] and "ids" not in base["tasks"]["toy_short_ppl"]
     assert "retention" not in base
     # the same weights under another name: the same scores, retention exactly 1 (or undefined at 0)
     assert tuned["tasks"] == base["tasks"]

@@ -222,6 +222,12 @@ def test_niah_grid_equals_needle_scores(toy_lm, grid_samples):
             cell = next(c for c in cells if (c.length, c.depth) == (L, d))
             assert table["exact_match"][i][j] == cell.exact_match
             assert table["needle_ppl"][i][j] == cell.needle_ppl
+    # every outcome has its sample's id, in the same order: (length, depth, run) -> the sample it scored
+    for L in LENGTHS:
+        expected = [(f"niah/{L}/{d:g}/{r}", x) for d in DEPTHS for r, x in enumerate(
+            next(c for c in cells if (c.length, c.depth) == (L, d)).correct)]
+        assert list(zip(table["ids"][str(L)], table["correct"][str(L)])) == expected
+        assert len(set(table["ids"][str(L)])) == len(expected)
     assert json.loads(json.dumps(table)) == table
 
 

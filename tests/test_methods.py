@@ -27,7 +27,8 @@ def test_the_registry_matches_the_config_schema_and_the_tables():
     schema = json.loads((REPO_ROOT / "workflow" / "schemas" / "config.schema.json").read_text())
     assert tuple(schema["properties"]["methods"]["items"]["enum"]) == methods.METHOD_NAMES
     assert set(schema["properties"]["search"]["properties"]["method"]["enum"]) == set(methods.SEARCH_NAMES)
-    assert {m for table in methods.TABLES.values() for m in table} == set(methods.METHOD_NAMES)
+    # every method is in one of the paper's tables, except LocalLLaMA's NTK-aware rule (the paper's NTK is `ntk`)
+    assert {m for table in methods.TABLES.values() for m in table} == set(methods.METHOD_NAMES) - {"ntk_aware"}
 
 
 def test_methods_name_the_searches_they_need_once_in_first_use_order():

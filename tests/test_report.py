@@ -82,11 +82,11 @@ def test_report_stage_writes_every_table_and_says_what_is_missing(tmp_path):
 
 
 def test_the_papers_table2_ordering_is_checked_and_a_contradiction_is_said():
-    scores = {"none": 0.0, "pi": 0.3, "ntk": 0.6, "yarn": 0.2, "longrope": 0.9, "longrope2": 0.95}
+    scores = {"none": 0.0, "pi": 0.3, "ntk": 0.6, "yarn": 0.97, "longrope": 0.9, "longrope2": 0.95}
     notes = tables.ordering_notes(scores, "at L")
-    assert notes[0].startswith("As in the paper, at L: longrope2 ≥ longrope (0.95 vs 0.90); longrope2 ≥ ntk")
-    # YaRN below PI: the one claim the scores break, said as such
-    assert notes[1] == "CONTRADICTS the paper, at L: yarn > pi (0.20 vs 0.30)."
+    assert notes[0] == "As in the paper, at L: longrope2 > longrope (0.95 vs 0.90); longrope2 > ntk (0.95 vs 0.60)."
+    # YaRN above LongRoPE2: the one claim the scores break, said as such
+    assert notes[1] == "CONTRADICTS the paper, at L: longrope2 > yarn (0.95 vs 0.97)."
     assert tables.ordering_notes({"longrope2": 1.0}, "at L") == []  # nothing to compare
 
 
@@ -129,7 +129,7 @@ def test_means_over_seeds_keep_their_spread_through_every_format():
 def test_the_noise_band_of_an_ordering_claim_counts_the_seeds_spread():
     # 0.95 vs 0.90 on 40 samples each: 2 binomial SE = 0.12, within the noise
     one = tables.ordering_notes({"longrope2": 0.95, "yarn": 0.90}, "at L", {"longrope2": 40, "yarn": 40})
-    assert one == ["As in the paper, at L: longrope2 ≥ yarn (0.95 vs 0.90, within the noise: 2 SE = 0.12)."]
+    assert one == ["As in the paper, at L: longrope2 > yarn (0.95 vs 0.90, within the noise: 2 SE = 0.12)."]
     # the same means over 3 seeds with 40 samples each: a tight spread resolves it, a wide one does not
     tight = {"longrope2": tables.SeedMean(0.95, 0.01, 3), "yarn": tables.SeedMean(0.80, 0.01, 3)}
     assert "within the noise" not in tables.ordering_notes(tight, "at L", {"longrope2": 40, "yarn": 40})[0]
@@ -161,14 +161,16 @@ def _write_free(out, variant, data, seed=0):
     (folder / "niah.json").write_text(json.dumps(data))
 
 
-def test_report_classifies_the_papers_claims_on_paired_samples_pooled_over_seeds(tmp_path):
-    """Fine-tuned and training-free rows of Table 2, and every claim with its paired interval."""
+def test_report_classifies_the_papers_claims_on_paired_samples_counted_once(tmp_path):
+    """Fine-tuned and training-free rows of Table 2, and every claim with its paired interval: two seeds on the
+    same 160 items are 160 items (not 320 pairs), joined by id."""
     cfg = compose_config(["experiment=smoke", f"out_dir={tmp_path}", "tracking.enabled=false", "seeds=[0,3]",
                           "eval.training_free_suites=[niah]"])
 
     def niah(flags):
+        ids = {str(n): [f"niah/{n}/0/{i}" for i in range(k)] for n, k in ((128, 4), (1024, len(flags)))}
         return {"lengths": [128, 1024], "mean_by_length": {"128": 1.0, "1024": sum(flags) / len(flags)},
-                "correct": {"128": [1] * 4, "1024": flags}}
+                "correct": {"128": [1] * 4, "1024": flags}, "ids": ids}
 
     n = 160
     _write(tmp_path, "base", "niah", niah([0] * n))
@@ -182,10 +184,22 @@ def test_report_classifies_the_papers_claims_on_paired_samples_pooled_over_seeds
     text = (out / "report.md").read_text()
     assert "| yarn (training-free) | 1.00 ± 0.00 | 0.75 ± 0.00 |" in text
     detail = (out / "claims_detail.md").read_text()
-    # pooled over the two seeds: 2 x 160 pairs
-    assert f"| Table 2 ordering, fine-tuned, at L | longrope2 ≥ yarn | NIAH 1k | {2 * n} | +0.312 [" in detail
-    assert "| 100/0 | 1.58e-30 | reproduced | — |" in detail
-    assert ("| Table 2 ordering before fine-tuning, at L (our addition) | longrope2 ≥ yarn | NIAH 1k | 320 | "
-            "-0.500 [") in detail and "| 0/160 | 1.37e-48 | contradicted | — |" in detail
+    row = next(line for line in detail.splitlines()
+               if line.startswith("| Table 2, fine-tuned: LongRoPE2 outperforms | longrope2 > yarn | NIAH 1k |"))
+    assert f"| NIAH 1k | {n} | 2 | +0.312 [" in row and "| 50/0 |" in row and "| reproduced |" in row
+    before = next(line for line in detail.splitlines()
+                  if line.startswith("| Table 2 before fine-tuning (our addition) | longrope2 > yarn | NIAH 1k |"))
+    assert f"| {n} | 2 | -0.500 [" in before and "| 0/80 |" in before and "| contradicted |" in before
+    assert "seeds sharing the samples" in detail
+    # a stale result whose samples are not the others': the report stops and names both files
+    stale = niah([1] * 150 + [0] * 10)
+    stale["ids"]["1024"][0] = "niah/1024/0/other"
+    path = tmp_path / "seed3" / "eval" / "longrope2" / "niah" / "niah.json"
+    good = path.read_text()
+    path.write_text(json.dumps(stale))
+    with pytest.raises(ConfigError, match=r"seed3/eval/longrope2/niah/niah\.json and .*yarn/niah/niah\.json "
+                                          r"should hold the same samples"):
+        report.run(cfg)
+    path.write_text(good)
     summary = (out / "claims.md").read_text()
     assert "| Table 10, search from the critical dim vs all dims | 1 | 0 | 0 | 1 | unresolved |" in summary

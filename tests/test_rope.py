@@ -62,13 +62,25 @@ def test_attention_temperature_not_extending():
 
 def test_pi_and_ntk_factors():
     assert torch.equal(rope.pi_factors(4, 8.0), torch.full((4,), 8.0, dtype=torch.float64))
-    lam = rope.ntk_factors(128, 16.0)
-    assert lam.dtype == torch.float64 and lam.shape == (64,)
-    assert lam[0] == 1.0 and lam[-1] == pytest.approx(16.0, rel=1e-12)
-    # NTK-aware = original RoPE with base' = base * s^(d/(d-2))
-    scaled = rope.inv_freq(128, 500_000).double() / lam
-    torch.testing.assert_close(scaled, rope.inv_freq(128, rope.ntk_base(128, 500_000, 16.0)).double(),
-                               rtol=1e-6, atol=0)
+    # the paper's NTK (Liu et al.): LLaMA3-8B 8k -> 128k, real d_tcd = 128 ln(8192 / 2π) / (2 ln 500000) = 34.98
+    d, base, train, s = 128, 500_000, 8192, 16.0
+    c = rope.critical_dim_real(d, base, train)
+    assert c == pytest.approx(34.984, abs=1e-3)
+    lam = rope.ntk_factors(d, base, train, s)
+    assert lam.dtype == torch.float64 and lam.shape == (64,) and lam[0] == 1.0
+    assert float(s) ** (34 / c) < s < float(s) ** (35 / c)  # λ = s exactly at the real d_tcd, between pairs 34, 35
+    assert lam[63] == pytest.approx(s ** (63 / c), rel=1e-12) and lam[63] == pytest.approx(147.4, abs=0.1)
+    assert torch.all(lam[35:] > s) and torch.all(lam[:35] < s)
+    # = original RoPE with Liu et al.'s base θ^(ln(L/2π) / ln(L_train/2π)), in float64 (an identity)
+    theta_ntk = base ** (math.log(train * s / (2 * math.pi)) / math.log(train / (2 * math.pi)))
+    i = torch.arange(64, dtype=torch.float64)
+    torch.testing.assert_close(base ** (-2 * i / d) / lam, theta_ntk ** (-2 * i / d), rtol=1e-10, atol=0)
+    assert rope.ntk_base_at(d, base, s, c) == pytest.approx(theta_ntk, rel=1e-12)
+    # LocalLLaMA's NTK-aware rule (not the paper's): the last pair by exactly s, base' = base * s^(d/(d-2))
+    aware = rope.ntk_aware_factors(d, s)
+    assert aware[0] == 1.0 and aware[-1] == pytest.approx(16.0, rel=1e-12)
+    torch.testing.assert_close(base ** (-2 * i / d) / aware,
+                               rope.ntk_aware_base(d, base, s) ** (-2 * i / d), rtol=1e-10, atol=0)
 
 
 def test_yarn_factors_ramp():
@@ -84,7 +96,7 @@ def test_yarn_factors_ramp():
 
 
 def test_scaled_inv_freq_is_inv_freq_over_factor():
-    lam = rope.ntk_factors(64, 4.0)
+    lam = rope.ntk_aware_factors(64, 4.0)
     torch.testing.assert_close(rope.scaled_inv_freq(64, 1e4, lam).double(),
                                rope.inv_freq(64, 1e4).double() / lam, rtol=1e-6, atol=0)
     with pytest.raises(ValueError):

@@ -123,7 +123,10 @@ def test_rope_parameters_per_method():
     assert p["none"] == {"rope_type": "default", "rope_theta": 500_000.0, "partial_rotary_factor": 1.0}
     assert p["pi"]["rope_type"] == "linear" and p["pi"]["factor"] == s
     assert p["ntk"]["rope_type"] == "default"
-    assert p["ntk"]["rope_theta"] == pytest.approx(500_000 * s ** (128 / 126))
+    c = 128 * math.log(8192 / (2 * math.pi)) / (2 * math.log(500_000))  # the real d_tcd (the paper's NTK)
+    assert p["ntk"]["rope_theta"] == pytest.approx(500_000 * s ** (128 / (2 * c)))
+    assert p["ntk_aware"] == {"rope_type": "default", "rope_theta": pytest.approx(500_000 * s ** (128 / 126)),
+                              "partial_rotary_factor": 1.0}
     assert p["yarn"]["rope_type"] == "yarn"
     assert (p["yarn"]["factor"], p["yarn"]["beta_fast"], p["yarn"]["beta_slow"]) == (s, 32.0, 1.0)
     assert p["yarn"]["original_max_position_embeddings"] == 8192
@@ -213,7 +216,7 @@ def tiny_scaling(method: str, facts: RopeFacts, tail_scale: float = 1.0) -> Rope
     if method == "longrope2":
         return RopeScaling.longrope2(facts, TINY_TARGET, tail, critical_dim=c)
     if method == "longrope":
-        return RopeScaling.longrope(facts, TINY_TARGET, rope.ntk_factors(facts.rotary_dim, s * 1.5))
+        return RopeScaling.longrope(facts, TINY_TARGET, rope.ntk_aware_factors(facts.rotary_dim, s * 1.5))
     return RopeScaling.build(method, facts, TINY_TARGET)
 
 

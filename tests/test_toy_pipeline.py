@@ -8,6 +8,7 @@ be the recorded ones of an uninterrupted run, bit for bit, down to every sample'
 CI time: this runs one of the default's six methods, LongRoPE2 (the smoke DAG test runs a static
 method beside it); the six-method Table 2 of `make run` is recorded in docs/methods.md."""
 
+import csv
 import hashlib
 import json
 import os
@@ -164,9 +165,19 @@ def test_toy_evaluations_show_the_extension_with_the_recorded_figures(toy_run):
             assert measured == pytest.approx(figures, rel=1e-3, abs=1e-6), (variant, key)
     # the report stage gathers them in the paper's shapes, and classifies the claims it can test
     text = (toy_run / "report" / "report.md").read_text()
-    assert "**Short tasks and retention (Table 4)**" in text and "| longrope2 | 90.62 | 90.62 |" in text
+    assert "**Short tasks and retention (Table 4)**" in text and "| longrope2 | 95.31 | 90.62 | " in text
     assert "Fine-tuning: 120,000 tokens = 8.37 % of the base's 1,433,600 pretraining tokens" in text
     assert "| §3, critical dimension | 2 | 2 | 0 | 0 | reproduced |" in text
+    # a superiority claim is never reproduced by an interval that reaches 0, or without a discordant sample
+    rows = list(csv.DictReader((toy_run / "report" / "claims_detail.csv").open()))
+    superiority = [r for r in rows if " > " in r["comparison"] and r["a − b [95 % CI]"]]
+    assert superiority and {r["claim"] for r in rows} >= {"Table 2, fine-tuned: LongRoPE2 outperforms"}
+    for r in superiority:
+        low = float(r["a − b [95 % CI]"].split("[")[1].split(",")[0])
+        a_only, b_only = map(int, r["a/b only"].split("/"))
+        if r["result"] == "reproduced":
+            assert low > 0 and a_only > b_only and float(r["p (Holm)"]) < 0.05, r
+        assert int(r["n"]) >= 300 or not r["evidence"].startswith("NIAH")  # the ±0.05 half-width's sample size
 
 
 # Every sample's outcome, per model and suite: the results a kill must not change (golden "outcomes").

@@ -89,6 +89,9 @@ def test_outputs_and_the_exported_config(reference, toy_model_dir):
     val = json.loads((folder / "validation.json").read_text())
     assert val["tuned"]["validation"]["length"] == L and val["tuned"]["validation_short"]["length"] == L_TRAIN
     assert set(val["base"]) == {"validation", "validation_short"}
+    for name in ("base", "tuned"):  # each outcome with its sample's id: this seed's held-out set, in order
+        for split, m in val[name].items():
+            assert m["ids"] == [f"{split}/seed0/{i}" for i in range(m["samples"])] and len(m["correct"]) == m["samples"]
 
 
 def test_exported_model_loads_with_plain_transformers_and_matches_our_rope(reference, toy_model_dir):

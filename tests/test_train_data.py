@@ -245,3 +245,212 @@ def test_bad_jsonl_line_leaves_no_folder(tmp_path, toy_model_dir):
         train_data.run(_corpora_cfg(tmp_path, toy_model_dir, [("bad", folder, 1.0)]))
     assert not (tmp_path / "out" / "seed0" / "train_data").exists()
     assert not (tmp_path / "out" / "train_data.partial").exists()
+
+
+# --------------------------------------------------------------------------- corpora per bucket (corpora[i].buckets)
+
+WORDS = ("the", "river", "a", "stone", "garden", "fell", "quiet", "road.")
+# Every document of a corpus starts with its corpus's marker word (and holds no other marker).
+MARKERS = {"web": "webword", "books": "bookword", "code": "codeword", "stream": "streamword"}
+# Three buckets: 10 short rows, 6 rows of documents of (64, 128] tokens, 8 of longer ones.
+MIX3 = "train.length_mix=[{max_len:64,tokens:2560},{max_len:128,tokens:1536},{max_len:256,tokens:2048}]"
+
+
+@pytest.fixture(scope="module")
+def word_model_dir(tmp_path_factory):
+    """A word-level tokenizer: one id per word of WORDS and MARKERS, plus BOS / EOS. No tokenizer training, so
+    a document of n words is n + 2 tokens and the row digests below do not depend on a library version."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<s>", "</s>", "[UNK]", *WORDS, *MARKERS.values()])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="[UNK]",
+                                  pad_token="<pad>")
+    path = tmp_path_factory.mktemp("word_model")
+    tok.save_pretrained(path)
+    return path
+
+
+def _marked_docs(name, words, seed):
+    """Documents of ``words`` words each (marker first): len(words) documents of corpus ``name``."""
+    import random
+
+    rng = random.Random(seed)
+    return [" ".join([MARKERS[name], *(rng.choice(WORDS) for _ in range(n - 1))]) for n in words]
+
+
+def _write_corpus(folder, texts, kind):
+    folder.mkdir()
+    if kind == "txt":
+        for i, text in enumerate(texts):
+            (folder / f"doc_{i:03d}.txt").write_text(text)
+    else:
+        (folder / "part-0.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return folder
+
+
+@pytest.fixture
+def marked_corpora(tmp_path):
+    """Three folder corpora, every one with documents of every bucket of MIX3 (words + 2 tokens each):
+    web (*.txt; mostly short), books (*.jsonl; mostly long), code (*.txt)."""
+    web = _marked_docs("web", [100 if i % 5 == 4 else 220 if i % 7 == 6 else 12 for i in range(60)], 1)
+    books = _marked_docs("books", [(12, 80, 200, 400)[i % 4] for i in range(40)], 2)
+    code = _marked_docs("code", [(12, 90, 180)[i % 3] for i in range(30)], 3)
+    return {"web": _write_corpus(tmp_path / "web", web, "txt"),
+            "books": _write_corpus(tmp_path / "books", books, "jsonl"),
+            "code": _write_corpus(tmp_path / "code", code, "txt")}
+
+
+def _bucket_cfg(tmp_path, model_dir, specs, *extra, out="out", mix=MIX3):
+    """specs: (name, path, weight, buckets or None: no key[, extra keys "k:v,..."])."""
+    items = ",".join(f"{{name:{n},path:{str(p)!r},weight:{w}" + ("" if b is None else f",buckets:{b}")
+                     + "".join(f",{x}" for x in more) + "}" for n, p, w, b, *more in specs)
+    return compose_config([
+        "experiment=smoke", f"out_dir={tmp_path / out}", f"model.path={model_dir}", "tracking.enabled=false",
+        f"model.train_len={L_TRAIN}", f"target_len={L}", mix, "data.train_set.source=corpora",
+        f"data.train_set.corpora=[{items}]", *extra])
+
+
+def _digest(out):
+    """sha256 (16 hex digits) of the written rows (tokens, documents, kinds, weights) and of each corpus's draws."""
+    import hashlib
+
+    meta, t = _load(out)
+    h = hashlib.sha256()
+    for key in ("input_ids", "doc_ids", "is_long", "loss_weight"):
+        h.update(t[key].contiguous().numpy().tobytes())
+    draws = [[c[k] for k in ("name", "documents_drawn", "documents_used", "tokens_drawn", "epochs")]
+             for c in meta["stats"]["corpora"]]
+    h.update(json.dumps([draws, meta["stats"]["empty_documents"], meta["stats"]["skipped_documents"]]).encode())
+    return h.hexdigest()[:16]
+
+
+# Digests (_digest) of the rows the stage wrote before corpora entries had the key `buckets`, recorded with
+# train_data.py of commit 06a01a0: configs without the key must keep writing exactly these rows, drawn the
+# same way (the word-level tokenizer keeps them independent of tokenizer training and library versions).
+ROWS_WITHOUT_BUCKETS = {"two_buckets": "4e82be113a58a2a1", "three_buckets_num_proc2": "8975758bff3b86bf"}
+
+
+@pytest.mark.parametrize("case", sorted(ROWS_WITHOUT_BUCKETS))
+def test_corpora_without_buckets_write_the_rows_they_wrote_before(tmp_path, word_model_dir, marked_corpora, case,
+                                                                   monkeypatch):
+    c = marked_corpora
+    if case == "two_buckets":  # full buckets skip documents; the small folders repeat (epochs > 1)
+        cfg = _bucket_cfg(tmp_path, word_model_dir, [("web", c["web"], 3.0, None), ("books", c["books"], 1.0, None)],
+                          mix=MIX)
+    else:  # three buckets, a streamed dataset beside the folders, two tokenizer processes
+        import datasets
+
+        monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+        stream = tmp_path / "stream"
+        stream.mkdir()
+        datasets.Dataset.from_dict({"text": _marked_docs("stream", [(12, 70, 150, 300)[i % 4] for i in range(400)], 4)}
+                                   ).to_parquet(stream / "train-00000-of-00001.parquet")
+        cfg = _bucket_cfg(tmp_path, word_model_dir, [
+            ("web", c["web"], 1.0, None), ("books", c["books"], 2.0, None), ("code", c["code"], 1.0, None),
+            ("stream", stream, 1.5, None, "streaming:true")], "+data.train_set.num_proc=2")
+    train_data.run(cfg)
+    assert _digest(tmp_path / "out") == ROWS_WITHOUT_BUCKETS[case]
+
+
+def _documents(t, r):
+    """Row r's documents as (token ids, is the row's last document), read from its doc_ids."""
+    ids, docs = t["input_ids"][r].tolist(), t["doc_ids"][r].long()
+    n = int(docs.max()) + 1
+    return [([ids[i] for i in torch.nonzero(docs == d).flatten().tolist()], d == n - 1) for d in range(n)]
+
+
+def _corpus_of(tok, ids):
+    """The corpus a document came from, by its marker word (its first word); None for a piece of BOS alone."""
+    words = tok.decode(ids, skip_special_tokens=True).split()
+    if not words:
+        assert ids == [tok.bos_token_id]  # a document cut to its first token
+        return None
+    by_marker = {m: name for name, m in MARKERS.items()}
+    assert words[0] in by_marker and not set(words[1:]) & set(by_marker), words[:3]
+    return by_marker[words[0]]
+
+
+def _corpora_per_bucket(model_dir, t):
+    """{bucket: the corpora whose documents its rows hold}, from the rows' text alone: short rows are bucket 0;
+    a long row's bucket is that of its whole (not last) documents, (64, 128] tokens: 1, more: 2; a long row of
+    one document holds a cut one of >= L tokens: bucket 2."""
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    found: dict[int, set[str]] = {0: set(), 1: set(), 2: set()}
+    for r in range(len(t["is_long"])):
+        docs = _documents(t, r)
+        whole = [len(ids) for ids, last in docs if not last]
+        if not bool(t["is_long"][r]):
+            assert all(n <= L_TRAIN for n in whole)
+            bucket = 0
+        elif whole:
+            assert all(L_TRAIN < n <= 128 for n in whole) or all(n > 128 for n in whole), whole
+            bucket = 1 if whole[0] <= 128 else 2
+        else:
+            bucket = 2
+        found[bucket] |= {_corpus_of(tok, ids) for ids, _ in docs} - {None}
+    return found
+
+
+def test_corpora_feed_only_their_buckets(tmp_path, word_model_dir, marked_corpora):
+    """web feeds the short bucket, books the long ones, code the longest: every corpus has documents of every
+    length, so the rows tell by their marker words whether a document reached a bucket its corpus does not feed."""
+    c = marked_corpora
+    specs = [("web", c["web"], 1.0, "[0]"), ("books", c["books"], 1.0, "[1,2]"), ("code", c["code"], 1.0, "[2]")]
+    metas, tensors = [], []
+    for n in (1, 2):
+        train_data.run(_bucket_cfg(tmp_path, word_model_dir, specs, f"+data.train_set.num_proc={n}", out=f"out{n}"))
+        meta, t = _load(tmp_path / f"out{n}")
+        metas.append(meta)
+        tensors.append(t)
+    meta, t = metas[0], tensors[0]
+    assert [b["rows"] for b in meta["buckets"]] == [10, 6, 8] and t["input_ids"].shape == (24, L)
+    assert t["is_long"].tolist().count(False) == 10
+    _check_short_rows(t)
+    _check_long_rows(t)
+    assert _corpora_per_bucket(word_model_dir, t) == {0: {"web"}, 1: {"books"}, 2: {"books", "code"}}
+    # Documents of other lengths were drawn and left out: web's long ones, books' and code's short ones.
+    assert meta["stats"]["other_bucket_documents"] > 0
+    assert [x["buckets"] for x in meta["stats"]["corpora"]] == [[0], [1, 2], [2]]
+    # The rows do not depend on the tokenizer processes.
+    assert all(torch.equal(t[k], tensors[1][k]) for k in t) and metas[0]["stats"] == metas[1]["stats"]
+
+
+@pytest.mark.parametrize(
+    ("buckets", "message"),
+    [
+        (("[0]", "[1,3]", "[2]"),
+         "data.train_set.corpora.1.buckets = [1, 3] (corpus 'books'): accepted: null (every bucket) or a non-empty "
+         "list of bucket indices of train.length_mix, 0 ... 2 (3 buckets; 0 is the short one, max_len = "
+         "model.train_len)"),
+        (("[-1]", "null", "null"), "data.train_set.corpora.0.buckets = [-1] (corpus 'web'): accepted: null (every "
+                                   "bucket) or a non-empty list of bucket indices of train.length_mix, 0 ... 2"),
+        (("[]", "null", "null"), "data.train_set.corpora.0.buckets = [] (corpus 'web'): accepted: null"),
+        (("[0]", "[2]", "[2]"),
+         "data.train_set.corpora.<i>.buckets = {web: [0], books: [2], code: [2]}: no corpus feeds bucket 1 of "
+         "train.length_mix; accepted: lists that together cover every bucket 0 ... 2 (null or absent: every "
+         "bucket)"),
+        (("[1]", "[2]", "[1,2]"), "data.train_set.corpora.<i>.buckets = {web: [1], books: [2], code: [1, 2]}: no "
+                                  "corpus feeds bucket 0 of train.length_mix"),
+        (("[0]", "[0]", "[0]"), "no corpus feeds buckets 1, 2 of train.length_mix; accepted"),
+    ],
+)
+def test_bad_buckets_fail_before_any_output(tmp_path, word_model_dir, marked_corpora, buckets, message):
+    specs = [(name, marked_corpora[name], 1.0, b) for name, b in zip(("web", "books", "code"), buckets, strict=True)]
+    # The config checks (every stage and the Snakefile compose the config through them): before any job.
+    with pytest.raises(ConfigError) as err:
+        _bucket_cfg(tmp_path, word_model_dir, specs)
+    assert message in str(err.value)
+    # The stage refuses them too, in a config built in code that skipped the checks: before any output.
+    from omegaconf import OmegaConf, open_dict
+
+    cfg = _bucket_cfg(tmp_path, word_model_dir, [(n, p, w, None) for n, p, w, _ in specs])
+    with open_dict(cfg):
+        for entry, b in zip(cfg.data.train_set.corpora, buckets, strict=True):
+            entry.buckets = None if b in (None, "null") else OmegaConf.create(f"x: {b}").x
+    with pytest.raises(ConfigError) as err:
+        train_data.run(cfg)
+    assert message in str(err.value)
+    assert not (tmp_path / "out").exists()

@@ -185,7 +185,7 @@ def test_smoke_end_to_end_with_tracking(tmp_path):
     assert (yarn["rope_type"], yarn["factor"], yarn["original_max_position_embeddings"]) == ("yarn", 8.0, 128)
     assert (out / "logs" / "seed0" / "train-longrope2.log").stat().st_size > 0
     # the claims, paired on the samples every model saw
-    assert "| Table 2 ordering, fine-tuned, at L | longrope2 ≥ yarn | NIAH 1k |" in (
+    assert "| Table 2, fine-tuned: LongRoPE2 outperforms | longrope2 > yarn | NIAH 1k |" in (
         out / "report" / "claims_detail.md").read_text()
     niah = json.loads((out / "eval" / "base" / "niah" / "niah.json").read_text())
     assert niah["lengths"] == [128, 1024] and (out / "eval" / "base" / "niah" / "niah.png").exists()

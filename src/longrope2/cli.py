@@ -2,6 +2,8 @@
 
     longrope2 critical-dim --head-dim 128 --rope-base 500000 --train-len 8192 --target-len 131072
     longrope2 critical-dim --config path/to/config.json [--train-len N] [--target-len N] [--json]
+    longrope2 factors --method ntk --head-dim 128 --rope-base 500000 --train-len 8192 --target-len 131072
+    longrope2 factors --method longrope2 --config config.json --search-result search/longrope2/result.json
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from longrope2 import rope
-from longrope2.scaling import RopeConfigError, rope_facts_from_hf_config
+from longrope2 import methods, rope
+from longrope2.scaling import RopeConfigError, RopeFacts, rope_facts_from_hf_config
 
 
 def _positive_int(text: str) -> int:
@@ -84,12 +86,7 @@ def _print_human(r: dict[str, Any]) -> None:
         print(f"{i:>4} {T:>14.1f} {T / L_train:>12.4f} {T / L:>10.4f}  {note.strip()}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="longrope2", description="LongRoPE2 context-window extension tools.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("critical-dim", help="critical dimensions, search range and periods of a model's RoPE",
-                       description="Theoretical critical dim d_tcd, d10_tcd, search range, s, attention factor "
-                                   "and the period of every RoPE dimension against L_train and L.")
+def _facts_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="a Hugging Face config.json to read the RoPE facts from")
     p.add_argument("--head-dim", type=_positive_int, help="attention head dim (positive integer)")
     p.add_argument("--rope-base", type=_positive_float, help="RoPE base / rope_theta (positive number)")
@@ -99,9 +96,59 @@ def build_parser() -> argparse.ArgumentParser:
                         "else max_position_embeddings)")
     p.add_argument("--target-len", type=_positive_int,
                    help="target window L > L_train (default from the config: max_position_embeddings)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="longrope2", description="LongRoPE2 context-window extension tools.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("critical-dim", help="critical dimensions, search range and periods of a model's RoPE",
+                       description="Theoretical critical dim d_tcd, d10_tcd, search range, s, attention factor "
+                                   "and the period of every RoPE dimension against L_train and L.")
+    _facts_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.set_defaults(handler=_critical_dim, parser=p)
+    f = sub.add_parser("factors", help="a method's RoPE rescaling factors for a model's RoPE facts, as JSON",
+                       description="The factors λ (long_factor, short_factor), attention factor and transformers "
+                                   "rope_parameters that a method fine-tunes and ships with (docs/methods.md).")
+    f.add_argument("--method", required=True, choices=methods.METHOD_NAMES, metavar="METHOD",
+                   help=f"one of: {', '.join(methods.METHOD_NAMES)}")
+    _facts_options(f)
+    f.add_argument("--search-result", help="result.json of the method's search (searched and derived methods: "
+                                           "longrope, longrope2*, ntk_rcd, yarn_rcd)")
+    f.set_defaults(handler=_factors, parser=f)
     return parser
+
+
+def _factors(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    spec = methods.spec(args.method)
+    if spec.kind in ("searched", "derived") and args.search_result is None:
+        parser.error(f"--method {args.method} takes its factors from search {spec.search!r}: give "
+                     "--search-result path/to/result.json (methods without a search: "
+                     f"{', '.join(m for m in methods.METHOD_NAMES if methods.spec(m).kind in ('static', 'rule'))})")
+    f = _resolve(args, parser)
+    result = None
+    if args.search_result is not None:
+        try:
+            result = json.loads(Path(args.search_result).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            parser.error(f"--search-result {args.search_result}: {e}")
+    facts = RopeFacts(rope_theta=float(f["rope_base"]), head_dim=int(f["head_dim"]), train_len=int(f["train_len"]),
+                      partial_rotary_factor=float(f["partial_rotary_factor"]))
+    try:
+        scaling = methods.method_scaling(args.method, facts, int(f["target_len"]), result)
+    except (KeyError, ValueError) as e:
+        parser.error(f"--search-result {args.search_result}: {e}")
+    d = scaling.rotary_dim
+    print(json.dumps({
+        "method": args.method, "rotary_dim": d, "n_pairs": d // 2, "rope_base": facts.rope_theta,
+        "train_len": facts.train_len, "target_len": scaling.target_len, "extension_ratio": scaling.s,
+        "d_tcd": rope.critical_dim(d, facts.rope_theta, facts.train_len),
+        "d_tcd_real": rope.critical_dim_real(d, facts.rope_theta, facts.train_len),
+        "critical_dim": scaling.critical_dim, "switches": scaling.switches,
+        "long_factor": list(scaling.long_factor), "short_factor": list(scaling.short_factor),
+        "attention_factor": scaling.attention_factor, "rope_parameters": scaling.to_rope_parameters(),
+    }))
+    return 0
 
 
 def _critical_dim(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

@@ -178,6 +178,8 @@ def semantic_errors(data: Mapping[str, Any]) -> list[str]:
                      "fine-tuning the training-free evaluations are the experiment's results")
     lines += _search_errors(data)
     lines += _length_mix_errors(data)
+    if data["data"]["train_set"]["source"] == "corpora":
+        lines += corpus_bucket_errors(data["data"]["train_set"]["corpora"], len(data["train"]["length_mix"]))
     lines += _train_errors(data)
     lines += _nodes_errors(data)
     lines += _regime_errors(data)
@@ -247,6 +249,31 @@ def _length_mix_errors(data: Mapping[str, Any]) -> list[str]:
     if any(b <= a for a, b in itertools.pairwise(bounds)):
         return [f"train.length_mix = {json.dumps(mix)}: accepted: strictly increasing max_len (got {bounds})"]
     return []
+
+
+def corpus_bucket_errors(corpora: Sequence[Mapping[str, Any]], buckets: int) -> list[str]:
+    """data.train_set.corpora[i].buckets: indices of train.length_mix's buckets (absent or null: every bucket),
+    and every bucket fed by some corpus (train_data draws a bucket's documents from the corpora that feed it)."""
+    lines, fed = [], set()
+    accepted = (f"accepted: null (every bucket) or a non-empty list of bucket indices of train.length_mix, "
+                f"0 ... {buckets - 1} ({buckets} buckets; 0 is the short one, max_len = model.train_len)")
+    for i, c in enumerate(corpora):
+        chosen = c.get("buckets")
+        if chosen is None:
+            fed.update(range(buckets))
+        elif not chosen or any(not 0 <= b < buckets for b in chosen):
+            lines.append(f"data.train_set.corpora.{i}.buckets = {json.dumps(list(chosen))} (corpus "
+                         f"{c.get('name')!r}): {accepted}")
+        else:
+            fed.update(chosen)
+    unfed = [b for b in range(buckets) if b not in fed]
+    if corpora and unfed and not lines:
+        given = ", ".join(f"{c.get('name')}: {json.dumps(None if c.get('buckets') is None else list(c['buckets']))}"
+                          for c in corpora)
+        lines.append(f"data.train_set.corpora.<i>.buckets = {{{given}}}: no corpus feeds bucket"
+                     f"{'s' if len(unfed) > 1 else ''} {', '.join(map(str, unfed))} of train.length_mix; accepted: "
+                     f"lists that together cover every bucket 0 ... {buckets - 1} (null or absent: every bucket)")
+    return lines
 
 
 def _search_errors(data: Mapping[str, Any]) -> list[str]:

@@ -26,11 +26,12 @@ from tqdm.auto import tqdm
 from longrope2 import ruler
 from longrope2.config import ConfigError, hydra_stage
 from longrope2.inputs import corpus_parts, load_tokenizer, needle_template
-from longrope2.needle import build_needle_sample
+from longrope2.needle import NeedleSample, NeedleTemplate, build_needle_sample
 from longrope2.outputs import atomic_dir, write_json
 from longrope2.tracking import stage_run
 
-TOY_SHORT_TASKS = ("toy_short_needle", "toy_short_ppl")
+TOY_SHORT_TASKS = ("toy_short_needle", "toy_short_ppl", "toy_short_choice")
+CHOICES = 4  # as MMLU and ARC-Challenge
 
 
 def eval_books(cfg: DictConfig) -> list[tuple[str, str]]:
@@ -96,31 +97,65 @@ def build_ruler(cfg: DictConfig, tokenizer: Any, out: Path) -> dict[str, Any]:
     return manifest
 
 
+def needle_prompt(tokenizer: Any, sample: NeedleSample, template: NeedleTemplate, task: str) -> str:
+    """A needle sample's text before " " + number: the harness adds BOS itself and takes the space with the
+    continuation (as lm-eval splits pairs)."""
+    body = sample.input_ids[:int(sample.answer_positions[0])]
+    if template.add_bos and tokenizer.bos_token_id is not None:
+        body = body[1:]
+    context = tokenizer.decode(body.tolist())
+    if not context.endswith(" "):
+        raise ValueError(f"{task}: a prompt that does not end with a space: {context[-30:]!r}")
+    return context[:-1]
+
+
+def choice_row(tokenizer: Any, ids: torch.Tensor, window: int, depth: float, rng: random.Random,
+               template: NeedleTemplate) -> dict[str, Any]:
+    """One multiple-choice needle document: the prompt, the true number among CHOICES numbers of its digit
+    count (distractors and the answer's position drawn from rng), every prompt + choice within window tokens."""
+    key, number = rng.choice(template.keys), template.random_number(rng)
+    distractors: list[str] = []
+    while len(distractors) < CHOICES - 1:
+        other = template.random_number(rng)
+        if other != number and other not in distractors:
+            distractors.append(other)
+    answer = rng.randrange(CHOICES)
+    choices = [" " + c for c in (*distractors[:answer], number, *distractors[answer:])]
+
+    def tokens(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    # A distractor that takes more tokens than the number (merged digits) shortens the haystack to fit.
+    spare = max(tokens(c) for c in choices) - tokens(choices[answer])
+    sample = build_needle_sample(tokenizer, ids, window - spare, depth, rng, template, key=key, number=number)
+    context = needle_prompt(tokenizer, sample, template, "toy_short_choice")
+    bos = int(template.add_bos and tokenizer.bos_token_id is not None)
+    longest = max(bos + tokens(context + c) for c in choices)
+    if longest > window:
+        raise ValueError(f"toy_short_choice: prompt + choice is {longest} tokens, over eval.short.window = {window}")
+    return {"context": context, "choices": choices, "answer": answer, "depth": sample.depth}
+
+
 def build_toy_short(cfg: DictConfig, tokenizer: Any, books: list[torch.Tensor], out: Path) -> dict[str, int]:
-    """The toy's within-window tasks: needle prompts of eval.short.window tokens (answer = the number)
-    and held-out text pieces of that many tokens (rolling log-likelihood)."""
+    """The toy's within-window tasks: needle prompts of eval.short.window tokens (answer = the number, or
+    one of CHOICES numbers) and held-out text pieces of that many tokens (rolling log-likelihood). Every
+    row has an id, "<task>/<k>", that the evaluation records beside its outcome."""
     window, n = int(cfg.eval.short.window), int(cfg.eval.short.samples)
     folder = out / "short"
     folder.mkdir()
     counts = {}
     tasks = {str(t.name) for t in cfg.eval.short.tasks}
+    template = needle_template(cfg)
+    depths = list(cfg.data.needle.depths)
     if "toy_short_needle" in tasks:
-        template = needle_template(cfg)
-        depths = list(cfg.data.needle.depths)
         rows = []
         for k in range(n):
             rng = random.Random(f"toy_short_needle/{cfg.seed}/{k}")
-            ids = books[k % len(books)]
-            sample = build_needle_sample(tokenizer, ids, window, depths[k % len(depths)], rng, template)
-            answer_at = int(sample.answer_positions[0])
-            body = sample.input_ids[:answer_at]
-            if template.add_bos and tokenizer.bos_token_id is not None:
-                body = body[1:]  # the harness adds BOS itself
-            # The prompt ends "... is " + number: the space goes with the target, as lm-eval splits pairs.
-            context = tokenizer.decode(body.tolist())
-            if not context.endswith(" "):
-                raise ValueError(f"toy_short_needle: a prompt that does not end with a space: {context[-30:]!r}")
-            rows.append({"context": context[:-1], "target": " " + sample.number, "depth": sample.depth})
+            sample = build_needle_sample(tokenizer, books[k % len(books)], window, depths[k % len(depths)], rng,
+                                         template)
+            context = needle_prompt(tokenizer, sample, template, "toy_short_needle")
+            rows.append({"id": f"toy_short_needle/{k}", "context": context, "target": " " + sample.number,
+                         "depth": sample.depth})
         ruler.write_jsonl(folder / "toy_short_needle.jsonl", rows)
         counts["toy_short_needle"] = len(rows)
     if "toy_short_ppl" in tasks:
@@ -129,9 +164,15 @@ def build_toy_short(cfg: DictConfig, tokenizer: Any, books: list[torch.Tensor], 
             ids = books[k % len(books)]
             rng = random.Random(f"toy_short_ppl/{cfg.seed}/{k}")
             start = rng.randrange(0, max(1, ids.numel() - window))
-            rows.append({"text": tokenizer.decode(ids[start:start + window - 1].tolist())})
+            rows.append({"id": f"toy_short_ppl/{k}", "text": tokenizer.decode(ids[start:start + window - 1].tolist())})
         ruler.write_jsonl(folder / "toy_short_ppl.jsonl", rows)
         counts["toy_short_ppl"] = len(rows)
+    if "toy_short_choice" in tasks:
+        rows = [{"id": f"toy_short_choice/{k}",
+                 **choice_row(tokenizer, books[k % len(books)], window, depths[k % len(depths)],
+                              random.Random(f"toy_short_choice/{cfg.seed}/{k}"), template)} for k in range(n)]
+        ruler.write_jsonl(folder / "toy_short_choice.jsonl", rows)
+        counts["toy_short_choice"] = len(rows)
     return counts
 
 

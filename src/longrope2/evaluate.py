@@ -264,6 +264,13 @@ def toy_task_yaml(task: str, data_file: Path) -> dict[str, Any]:
         return {**common, "output_type": "loglikelihood", "doc_to_text": "{{context}}",
                 "doc_to_target": "{{target}}", "target_delimiter": "",
                 "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]}
+    if task == "toy_short_choice":
+        # MMLU / ARC's scoring: acc = the choice of highest log-likelihood after the context is the answer;
+        # acc_norm divides by the choice's length in characters (all equal here: a check that it matches acc).
+        return {**common, "output_type": "multiple_choice", "doc_to_text": "{{context}}",
+                "doc_to_choice": "choices", "doc_to_target": "answer", "target_delimiter": "",
+                "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True}
+                                for m in ("acc", "acc_norm")]}
     return {**common, "output_type": "loglikelihood_rolling", "doc_to_text": "", "doc_to_target": "{{text}}",
             "metric_list": [{"metric": m, "aggregation": agg, "higher_is_better": False} for m, agg in (
                 ("word_perplexity", "weighted_perplexity"), ("byte_perplexity", "weighted_perplexity"),
@@ -300,6 +307,9 @@ def eval_short(cfg: DictConfig, model: Any, tokenizer: Any, data: Path, out: Pat
         name, logged = key.split(",")[0], sorted(result.get("samples", {}).get(task, []), key=lambda r: r["doc_id"])
         if logged and not any(x in key for x in NOT_IN_AVERAGE) and all(name in r for r in logged):
             metrics[task]["correct"] = [int(round(float(r[name]))) for r in logged]
+            # which sample each outcome is: the data's own id, else lm-eval's document index
+            metrics[task]["ids"] = [str(r["doc"]["id"]) if "id" in r["doc"] else f"{task}/{r['doc_id']}"
+                                    for r in logged]
     in_average = [m["value"] for t, m in metrics.items() if not any(x in m["metric"] for x in NOT_IN_AVERAGE)]
     summary: dict[str, Any] = {"window": int(s.window), "tasks": metrics,
                                "average": sum(in_average) / len(in_average) if in_average else None}

@@ -199,7 +199,8 @@ def niah_table(cells: Sequence[NiahCell]) -> dict:
 
     {"lengths": [L...], "depths": [d...], "runs": [[...]], "exact_match": [[...] per depth row],
     "needle_ppl": [[...]], "mean_by_length": {"L": mean exact match over the depths},
-    "correct": {"L": [0/1 per sample, depths ascending, runs in order]} (for paired comparisons)}.
+    "correct": {"L": [0/1 per sample, depths ascending, runs in order]},
+    "ids": {"L": ["niah/<L>/<depth>/<run>" per sample, the same order]} (paired comparisons join on ids)}.
     Missing cells and non-finite values are None; mean_by_length keys are strings (JSON).
     """
     if not cells:
@@ -220,7 +221,14 @@ def niah_table(cells: Sequence[NiahCell]) -> dict:
         "mean_by_length": mean_by_length,
         "correct": {str(L): [x for c in sorted(cells, key=lambda c: c.depth) if c.length == L for x in c.correct]
                     for L in lengths},
+        "ids": {str(L): [niah_sample_id(L, c.depth, r) for c in sorted(cells, key=lambda c: c.depth) if c.length == L
+                         for r in range(len(c.correct))] for L in lengths},
     }
+
+
+def niah_sample_id(length: int, depth: float, run: int) -> str:
+    """A needle-grid sample's id: its sample is a function of (eval seed, length, depth, run) only."""
+    return f"niah/{length}/{depth:g}/{run}"
 
 
 def _length_label(n: int) -> str:

@@ -3,7 +3,9 @@
 Every method goes through the same fine-tuning and evaluation; they differ in where the factors come
 from and whether training switches between short and long factors:
 
-- static (none, pi, ntk, yarn): a closed-form scaling used at every length (no switch);
+- static (none, pi, ntk, yarn, ntk_aware): a closed-form scaling used at every length (no switch); ntk is the
+  paper's NTK (§2.3: Liu et al.'s base from the real-valued theoretical critical dim), ntk_aware LocalLLaMA's
+  rule s^(2i/(d-2)), which the paper names as not its NTK (kept outside the paper's tables);
 - searched (longrope, longrope2, longrope2_plain_ppl, longrope2_all_dims): factors from a `search`
   run; LongRoPE-family switch: short factors (ones) up to L_train, long factors beyond;
 - derived (ntk_rcd, yarn_rcd, Table 5): NTK / YaRN re-derived at the critical dim c that the
@@ -50,6 +52,7 @@ METHOD_SPECS: dict[str, MethodSpec] = {m.name: m for m in (
     MethodSpec("longrope2_no_mixed", "searched", _LR2, mixed_window=False),
     MethodSpec("longrope2_all_dims", "searched", "longrope2_all_dims", {"all_dims": True}),
     MethodSpec("longrope2_dtcd", "rule"),
+    MethodSpec("ntk_aware", "static"),  # LocalLLaMA's rule: not the paper's NTK, in none of its tables
 )}
 METHOD_NAMES: tuple[str, ...] = tuple(METHOD_SPECS)
 # The search runs a method can need, and the search.* each one sets (the user's search.* fills the rest).

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import shutil
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ import yaml  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from longrope2 import claims, methods, rope, ruler, tables  # noqa: E402
-from longrope2.artifacts import read_json  # noqa: E402
+from longrope2.artifacts import DamagedInputError, read_json  # noqa: E402
 from longrope2.config import ConfigError, finetune_tokens, hydra_stage, run_dir, to_dict  # noqa: E402
 from longrope2.inputs import BASE, eval_dir, eval_variants  # noqa: E402
 from longrope2.outputs import atomic_dir, save_figure  # noqa: E402
@@ -96,75 +97,120 @@ def _read(path: Path) -> dict[str, Any] | None:
     return read_json(path) if path.is_file() else None
 
 
-def paired_outcomes(cfg: DictConfig) -> tuple[dict[tuple[str, str], list[int]], dict[str, str]]:
-    """Per-sample outcomes of every evaluated model, pooled over seeds (seed k's samples follow seed k-1's; the
-    base, one model, is repeated beside each seed), and the evidence names: "niah_L" (the needle grid at the
-    target length), "niah_beyond" (at 2 L), "heldout_L" (the held-out needle set at L, stage train's check),
-    "heldout_short" (the same at L_train), "short:<task>" (the short suite's accuracy tasks)."""
+def _scored(data: dict[str, Any] | None, key: str | None, path: Path, source: str | None = None
+            ) -> claims.Scored | None:
+    """data["correct"][key] with data["ids"][key] (key None: data["correct"], data["ids"]) as claims.Scored;
+    None when the file holds no outcomes there. Outcomes without ids are a stale file: stop, naming it."""
+    if not data:
+        return None
+    correct, ids = data.get("correct"), data.get("ids")
+    if key is not None:
+        correct, ids = (correct or {}).get(key), (ids or {}).get(key)
+    if not correct:
+        return None
+    if ids is None:
+        raise DamagedInputError(f"{path}: per-sample outcomes{'' if key is None else f' at {key}'} without sample ids "
+                                "(written before ids were recorded, or damaged): rerun the stage that wrote it")
+    return claims.Scored(tuple(map(str, ids)), tuple(int(x) for x in correct), source or str(path))
+
+
+def evidence_names(cfg: DictConfig) -> dict[str, str]:
+    """Evidence keys -> names: "niah_<n>" (the needle grid at n tokens, for every length of eval.niah),
+    "heldout_L" / "heldout_short" (stage train's held-out needle sets at L and L_train), "short:<task>"."""
     target, train_len = int(cfg.target_len), int(cfg.model.train_len)
-    names = {"niah_L": f"NIAH {_label(target)}", "niah_beyond": f"NIAH {_label(2 * target)}",
-             "heldout_L": f"held-out {_label(target)}", "heldout_short": f"held-out {_label(train_len)}"}
-    # the short suite's accuracy tasks (lm-eval, within the window): "short:<task>"
-    short_tasks = [str(t.name) for t in cfg.eval.short.tasks] if "short" in cfg.eval.suites else []
-    names |= {f"short:{t}": f"{t} (short suite)" for t in short_tasks}
-    lengths = {"niah_L": str(target), "niah_beyond": str(2 * target)}
-    out: dict[tuple[str, str], list[int]] = {}
+    names = {"heldout_L": f"held-out {_label(target)}", "heldout_short": f"held-out {_label(train_len)}"}
+    if "niah" in cfg.eval.suites:
+        names |= {f"niah_{int(n)}": f"NIAH {_label(int(n))}" for n in cfg.eval.niah.lengths}
+    if "short" in cfg.eval.suites:
+        names |= {f"short:{t.name}": f"{t.name} (short suite)" for t in cfg.eval.short.tasks}
+    return names
 
-    def add(variant: str, evidence: str, flags: list[int] | None) -> None:
-        if flags:
-            out.setdefault((variant, names[evidence]), []).extend(flags)
 
-    def add_short(variant: str, result: dict[str, Any] | None) -> None:
-        for t in short_tasks:
-            add(variant, f"short:{t}", ((result or {}).get("tasks", {}).get(t) or {}).get("correct"))
+def paired_outcomes(cfg: DictConfig) -> tuple[dict[tuple[str, str], dict[int | None, claims.Scored]], dict[str, str]]:
+    """Per-sample outcomes of every evaluated model by evidence and seed (claims.Outcomes; seed None: the base's
+    evaluations, one model beside every seed), with their sample ids and files, and the evidence names
+    (evidence_names)."""
+    names = evidence_names(cfg)
+    niah_keys = {key: key.removeprefix("niah_") for key in names if key.startswith("niah_")}
+    short_tasks = [key.removeprefix("short:") for key in names if key.startswith("short:")]
+    out: dict[tuple[str, str], dict[int | None, claims.Scored]] = {}
 
-    base_niah = _read(eval_dir(cfg, BASE, "niah") / "niah.json") if "niah" in cfg.eval.suites else None
-    base_short = _read(eval_dir(cfg, BASE, "short") / "short.json") if short_tasks else None
+    def add(variant: str, evidence: str, seed: int | None, scored: claims.Scored | None) -> None:
+        if scored is not None:
+            out.setdefault((variant, names[evidence]), {})[seed] = scored
+
+    def add_suites(variant: str, seed: int | None, free: bool = False) -> None:
+        if niah_keys and (not free or "niah" in cfg.eval.training_free_suites):
+            path = eval_dir(cfg, variant, "niah", seed, training_free=free) / "niah.json"
+            niah = _read(path)
+            for key, length in niah_keys.items():
+                add(claims.training_free(variant) if free else variant, key, seed, _scored(niah, length, path))
+        if short_tasks and not free:
+            path = eval_dir(cfg, variant, "short", seed) / "short.json"
+            tasks = (_read(path) or {}).get("tasks", {})
+            for t in short_tasks:
+                add(variant, f"short:{t}", seed, _scored(tasks.get(t), None, path, f"{path} ({t})"))
+
+    add_suites(BASE, None)
     for k in seeds(cfg):
-        add_short(BASE, base_short)
-        for key, length in lengths.items():
-            add(BASE, key, ((base_niah or {}).get("correct") or {}).get(length))
-        base_heldout = None
         for m in map(str, cfg.methods):
-            for free in (False, True):
-                if free and "niah" not in cfg.eval.training_free_suites or not free and "niah" not in cfg.eval.suites:
-                    continue
-                niah = _read(eval_dir(cfg, m, "niah", k, training_free=free) / "niah.json") or {}
-                for key, length in lengths.items():
-                    add(claims.training_free(m) if free else m, key, (niah.get("correct") or {}).get(length))
-            if short_tasks:
-                add_short(m, _read(eval_dir(cfg, m, "short", k) / "short.json"))
-            validation = _read(run_dir(cfg, k) / "train" / m / "validation.json") or {}
+            add_suites(m, k)
+            add_suites(m, k, free=True)
+            path = run_dir(cfg, k) / "train" / m / "validation.json"
+            validation = _read(path) or {}
             for key, split in (("heldout_L", "validation"), ("heldout_short", "validation_short")):
-                add(m, key, validation.get("tuned", {}).get(split, {}).get("correct"))
-            base_heldout = base_heldout or validation.get("base")
-        for key, split in (("heldout_L", "validation"), ("heldout_short", "validation_short")):
-            add(BASE, key, (base_heldout or {}).get(split, {}).get("correct"))
+                add(m, key, k, _scored(validation.get("tuned", {}).get(split), None, path, f"{path} (tuned {split})"))
+                # the base on this seed's held-out set (every method's validation.json has it: the first one)
+                if (BASE, names[key]) not in out or k not in out[(BASE, names[key])]:
+                    add(BASE, key, k, _scored(validation.get("base", {}).get(split), None, path,
+                                              f"{path} (base {split})"))
     return out, names
 
 
+def paper_table2_leads() -> dict[Fraction, tuple[str, ...]]:
+    """The paper's Table 2 (both models): length / L -> the baselines LongRoPE2 outperforms at that ratio."""
+    data = yaml.safe_load(importlib.resources.files("longrope2").joinpath("paper_tables.yaml").read_text())
+    return claims.paper_table2_leads(data["table2_ruler_avg"])
+
+
 def claim_comparisons(cfg: DictConfig) -> list[claims.Comparison]:
-    """The paper's claims this run can test (longrope2.claims), each classified by its paired intervals."""
+    """The paper's claims this run can test (longrope2.claims), each classified by its paired intervals, with
+    Holm's adjustment within each claim.
+
+    Table 2 is tested at every needle-grid length n with L_train < n <= L whose ratio n / L is a column of the
+    paper's Table 2 (L/32 ... L), against the baselines LongRoPE2 leads there in both of the paper's models,
+    and on the held-out set at L; 2 L, before fine-tuning and against PI / none are our additions."""
     outcomes, names = paired_outcomes(cfg)
     ran = [str(m) for m in cfg.methods]
-    at_l, beyond = [names["niah_L"], names["heldout_L"]], [names["niah_beyond"]]
+    target, train_len = int(cfg.target_len), int(cfg.model.train_len)
+    leads = paper_table2_leads()
+    niah = sorted(int(key.removeprefix("niah_")) for key in names if key.startswith("niah_"))
+    covered = [n for n in niah if train_len < n <= target and Fraction(n, target) in leads]
+    at = [(names[f"niah_{n}"], leads[Fraction(n, target)]) for n in covered]
+    held_out = [(names["heldout_L"], leads[Fraction(1)])]
+    beyond = [(names[f"niah_{n}"], claims.TABLE2_BASELINES + claims.OUR_BASELINES) for n in niah if n > target]
+    ours = [(evidence, claims.OUR_BASELINES) for evidence, _ in at + held_out]
     found = []
     for k in seeds(cfg):
         result = _read(run_dir(cfg, k) / "search" / "longrope2" / "result.json")
         if result is not None:
             found.append(result)
-    comparisons = (
-        claims.table2(outcomes, ran, at_l, "Table 2 ordering, fine-tuned, at L")
-        + claims.table2(outcomes, ran, beyond, "Table 2 ordering, fine-tuned, beyond L (2 L)")
-        + claims.table2(outcomes, ran, at_l, "Table 2 ordering before fine-tuning, at L (our addition)", True)
-        + claims.table2(outcomes, ran, beyond, "Table 2 ordering before fine-tuning, beyond L (our addition)", True)
-        + claims.retention(outcomes, ran, [names["heldout_short"]]
-                           + [v for key, v in names.items() if key.startswith("short:")])
-        + claims.ablations(outcomes, ran, names["niah_L"], names["heldout_short"],
-                           "add its methods to `methods`, e.g. experiment=toy_ablations")
-        + claims.critical_dim(found)
-    )
-    return comparisons
+    short = [names["heldout_short"]] + [v for key, v in names.items() if key.startswith("short:")]
+    hint = f" (experiment {cfg.experiment_name}: add it to `methods`)"
+    try:
+        return claims.decide(
+            claims.table2(outcomes, ran, at + held_out, "Table 2, fine-tuned: LongRoPE2 outperforms", suggestion=hint)
+            + claims.table2(outcomes, ran, beyond, "Table 2 beyond L, fine-tuned (our addition)", suggestion=hint)
+            + claims.table2(outcomes, ran, at + beyond, "Table 2 before fine-tuning (our addition)", True,
+                            suggestion=hint)
+            + claims.table2(outcomes, ran, ours, "LongRoPE2 outperforms PI and no extension (our addition)",
+                            suggestion=hint)
+            + claims.retention(outcomes, ran, short)
+            + claims.ablations(outcomes, ran, names.get(f"niah_{target}", names["heldout_L"]), names["heldout_short"],
+                               "add its methods to `methods`, e.g. experiment=toy_ablations")
+            + claims.critical_dim(found))
+    except claims.OutcomeMismatch as e:  # a stale or partial result: stop, naming both files
+        raise DamagedInputError(f"report: {e}") from None
 
 
 def regime_line(cfg: DictConfig) -> str:

@@ -104,19 +104,38 @@ def pi_factors(n_pairs: int, s: float) -> Tensor:
     return torch.full((n_pairs,), float(s), dtype=torch.float64)
 
 
-def ntk_base(rotary_dim: int, base: float, s: float) -> float:
-    """NTK-aware base' = base · s^(d/(d-2)): the last pair is interpolated by exactly s."""
-    return base * s ** (rotary_dim / (rotary_dim - 2))
+def critical_dim_real(rotary_dim: int, base: float, train_len: int) -> float:
+    """Real-valued d_tcd = d · ln(L_train / 2π) / (2 ln base): the pair index (not rounded) whose period
+    equals L_train. The paper's NTK (§2.3, after Liu et al.) is tied to it."""
+    return rotary_dim * math.log(train_len / (2 * math.pi)) / (2 * math.log(base))
 
 
-def ntk_base_at(rotary_dim: int, base: float, s: float, c: int) -> float:
-    """NTK base' = base · s^(d/(2c)) that interpolates pair c by exactly s (λ_i = s^(i/c)): NTK
-    re-derived at a critical dim c (Table 5's NTK-rcd) instead of at the last pair."""
+def ntk_base_at(rotary_dim: int, base: float, s: float, c: float) -> float:
+    """NTK base' = base · s^(d/(2c)) that interpolates pair c by exactly s, so λ_i = s^(i/c).
+
+    c = the real d_tcd: the paper's NTK (θ_ntk = base^(ln(L/2π) / ln(L_train/2π))); c = the searched
+    critical dim: NTK-rcd (Table 5)."""
+    if not c > 0:
+        raise ValueError(f"NTK critical dim c = {c}: it must be positive")
     return base * s ** (rotary_dim / (2 * c))
 
 
-def ntk_factors(rotary_dim: int, s: float) -> Tensor:
-    """NTK-aware scaling as factors: (base'/base)^(2i/d) = s^(2i/(d-2)); λ_0 = 1, λ_{D-1} = s."""
+def ntk_factors(rotary_dim: int, base: float, train_len: int, s: float) -> Tensor:
+    """The paper's NTK as factors, float64 (D,): λ_i = s^(i / d_tcd) with the real-valued d_tcd, so
+    λ = s exactly at d_tcd and λ_i > s above it (LLaMA3-8B 8k -> 128k: λ_63 = 16^(63/34.98) ≈ 147)."""
+    c = critical_dim_real(rotary_dim, base, train_len)
+    i = torch.arange(rotary_dim // 2, dtype=torch.float64)
+    return float(s) ** (i / c)
+
+
+def ntk_aware_base(rotary_dim: int, base: float, s: float) -> float:
+    """LocalLLaMA's NTK-aware base' = base · s^(d/(d-2)): the last pair is interpolated by exactly s."""
+    return base * s ** (rotary_dim / (rotary_dim - 2))
+
+
+def ntk_aware_factors(rotary_dim: int, s: float) -> Tensor:
+    """LocalLLaMA's NTK-aware rule as factors, float64 (D,): s^(2i/(d-2)); λ_0 = 1, λ_{D-1} = s.
+    Not the paper's NTK (§2.3: "leading to insufficient interpolation")."""
     i = torch.arange(rotary_dim // 2, dtype=torch.float64)
     return float(s) ** (2 * i / (rotary_dim - 2))
 

@@ -29,8 +29,8 @@ from torch import Tensor, nn
 
 from longrope2 import rope
 
-Method = Literal["none", "pi", "ntk", "yarn", "longrope", "longrope2"]
-METHODS: tuple[str, ...] = ("none", "pi", "ntk", "yarn", "longrope", "longrope2")
+Method = Literal["none", "pi", "ntk", "ntk_aware", "yarn", "longrope", "longrope2"]
+METHODS: tuple[str, ...] = ("none", "pi", "ntk", "ntk_aware", "yarn", "longrope", "longrope2")
 LONGROPE_FAMILY: tuple[str, ...] = ("longrope", "longrope2")
 DEFAULT_ROPE_THETA = 10_000.0  # transformers' default when a config names no rope_theta
 
@@ -109,7 +109,7 @@ class RopeScaling:
 
     long_factor λ divides the inverse frequencies (θ̂_i = θ_i / λ_i). The LongRoPE family
     switches per forward: short_factor (ones) iff max(position_ids) + 1 <= train_len, else
-    long_factor. The static methods (none, pi, ntk, yarn) use the same frequencies at every
+    long_factor. The static methods (none, pi, ntk, ntk_aware, yarn) use the same frequencies at every
     length, so for them short_factor == long_factor. attention_factor multiplies cos and sin.
     """
 
@@ -183,13 +183,20 @@ class RopeScaling:
 
     @classmethod
     def ntk(cls, facts: RopeFacts, target_len: int, critical_dim: int | None = None) -> RopeScaling:
-        """NTK-aware base change; critical_dim c: the base that interpolates pair c by s (NTK-rcd)."""
+        """The paper's NTK (§2.3, Liu et al.): λ_i = s^(i / d_tcd), d_tcd real-valued; critical_dim c: the
+        same at the searched critical dim (NTK-rcd, Table 5), λ_i = s^(i / c)."""
         s = rope.extension_ratio(target_len, facts.train_len)
         if critical_dim is None:
-            lam = rope.ntk_factors(facts.rotary_dim, s)
+            lam = rope.ntk_factors(facts.rotary_dim, facts.rope_theta, facts.train_len, s)
         else:
             lam = float(s) ** (torch.arange(facts.rotary_dim // 2, dtype=torch.float64) / critical_dim)
         return cls._make("ntk", facts, target_len, lam, critical_dim=critical_dim)
+
+    @classmethod
+    def ntk_aware(cls, facts: RopeFacts, target_len: int) -> RopeScaling:
+        """LocalLLaMA's NTK-aware rule λ_i = s^(2i/(d-2)): not the paper's NTK, outside its tables."""
+        s = rope.extension_ratio(target_len, facts.train_len)
+        return cls._make("ntk_aware", facts, target_len, rope.ntk_aware_factors(facts.rotary_dim, s))
 
     @classmethod
     def yarn(cls, facts: RopeFacts, target_len: int, beta: float = 32.0, alpha: float = 1.0,
@@ -202,10 +209,13 @@ class RopeScaling:
                          yarn_beta=float(beta), yarn_alpha=float(alpha), critical_dim=critical_dim)
 
     def ntk_theta(self) -> float:
-        """The NTK base: at the critical dim when one is set (NTK-rcd), else at the last pair."""
-        if self.critical_dim is not None:
-            return rope.ntk_base_at(self.rotary_dim, self.rope_theta, self.s, self.critical_dim)
-        return rope.ntk_base(self.rotary_dim, self.rope_theta, self.s)
+        """The NTK base: at the critical dim when one is set (NTK-rcd), else at the real d_tcd (ntk) or at
+        the last pair (ntk_aware)."""
+        if self.method == "ntk_aware":
+            return rope.ntk_aware_base(self.rotary_dim, self.rope_theta, self.s)
+        c = self.critical_dim if self.critical_dim is not None else rope.critical_dim_real(
+            self.rotary_dim, self.rope_theta, self.train_len)
+        return rope.ntk_base_at(self.rotary_dim, self.rope_theta, self.s, c)
 
     @classmethod
     def longrope(cls, facts: RopeFacts, target_len: int, long_factor: Any,
@@ -249,7 +259,7 @@ class RopeScaling:
             return rope.inv_freq(d, base)
         if self.method == "pi":
             return rope.inv_freq(d, base) / s
-        if self.method == "ntk":
+        if self.method in ("ntk", "ntk_aware"):
             return rope.inv_freq(d, self.ntk_theta())
         if self.method == "yarn":
             return rope.yarn_inv_freq(d, base, self.train_len, s, self.yarn_beta, self.yarn_alpha)
@@ -283,7 +293,7 @@ class RopeScaling:
                              "partial_rotary_factor": self.partial_rotary_factor}
         if self.method == "pi":
             p.update(rope_type="linear", factor=self.s)
-        elif self.method == "ntk":
+        elif self.method in ("ntk", "ntk_aware"):
             p.update(rope_theta=self.ntk_theta())
         elif self.method == "yarn":
             p.update(rope_type="yarn", factor=self.s, original_max_position_embeddings=self.train_len,

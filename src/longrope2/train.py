@@ -448,8 +448,10 @@ def validate(cfg: DictConfig, model_dir: Path, device: torch.device) -> dict[str
                             dtype=torch.float32 if device.type == "cpu" else None)
         lm.to(device).eval()
         for split, samples in chosen.items():
+            # ids: the seed's own held-out set (stage needle_data draws one per seed), sample i of it
+            ids = [f"{split}/seed{run_seed(cfg)}/{i}" for i in range(len(samples))]
             out.setdefault(name, {})[split] = {"length": samples[0].length, "samples": len(samples),
-                                               **needle_fitness(lm, samples, batch, per_sample=True)}
+                                               **needle_fitness(lm, samples, batch, per_sample=True), "ids": ids}
         del lm
     if "validation_short" in chosen:
         base_em = out["base"]["validation_short"]["exact_match"]

@@ -28,13 +28,18 @@ Sources (data.train_set.source):
 - corpora (paper): each entry a local folder of *.txt (one document per file) or *.jsonl (one JSON
   object per line, its text_field, default "text"), or a Hugging Face dataset (a hub id or a local
   folder of parquet / arrow / json(l) shards or save_to_disk; config, split, text_field, streaming:
-  longrope2.hf_corpus, docs/data.md). Each document comes from a corpus drawn with probability
-  weight / tokens per document (measured on its first 256 documents), so the weights are shares of
-  tokens as the paper's (docs/method.md §6), and is the corpus's next document: a folder in a seeded order, a dataset
-  in its own order, both reshuffled when used up (small corpora repeat, see the json's epochs); a
-  stream is read once, and one that ends before the rows are complete is an error (no output). Each
-  document is [BOS] + text + [EOS] (where the tokenizer has them). A document whose bucket is already
-  full is skipped. Tokenization: the fast tokenizer's batch encoding, in data.train_set.num_proc
+  longrope2.hf_corpus, docs/data.md). An entry's optional `buckets` lists the indices of the
+  train.length_mix buckets it feeds (absent or null: every bucket; the paper presets: FineWeb-Edu the
+  short bucket, RedPajama / StarCoder the long ones). Each document comes from a corpus drawn with
+  probability weight / tokens per document (measured on its first 256 documents), so the weights are
+  shares of tokens as the paper's (docs/method.md §6), among the corpora that still feed a bucket that
+  is not full (so within a bucket the weights of its corpora are renormalised, and a corpus whose
+  buckets are all full is read no further), and is the corpus's next document: a folder in a seeded
+  order, a dataset in its own order, both reshuffled when used up (small corpora repeat, see the
+  json's epochs); a stream is read once, and one that ends before the rows are complete is an error
+  (no output). Each document is [BOS] + text + [EOS] (where the tokenizer has them). A document whose
+  bucket is already full, or not one its corpus feeds, is skipped. Tokenization: the fast tokenizer's
+  batch encoding, each corpus's documents in batches ahead of their use, in data.train_set.num_proc
   processes (null: resources.train_data.cpus); the rows do not depend on num_proc.
 
     python -m longrope2.train_data experiment=toy
@@ -42,6 +47,7 @@ Sources (data.train_set.source):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -62,7 +68,7 @@ from tqdm.auto import tqdm
 
 from longrope2 import hf_corpus, mixed, toy
 from longrope2 import rows as rows_format
-from longrope2.config import ConfigError, hydra_stage, run_dir, run_seed
+from longrope2.config import ConfigError, corpus_bucket_errors, hydra_stage, run_dir, run_seed
 from longrope2.inputs import corpus_parts, load_tokenizer, needle_template, toy_pretrain_settings
 from longrope2.needle import build_needle_sample
 from longrope2.outputs import atomic_dir, write_json
@@ -312,6 +318,7 @@ class Corpus:
     streaming: bool = False
     shuffle_first: bool = True  # folders: a seeded order from the first epoch on; datasets: their own order first
     tokens_per_document: float = 1.0  # measured on the first documents (calibrate): makes weights token shares
+    buckets: tuple[int, ...] | None = None  # the train.length_mix buckets it feeds; None: every bucket
     drawn: int = 0
     used: int = 0
     tokens: int = 0
@@ -320,6 +327,9 @@ class Corpus:
     @property
     def size(self) -> int | None:
         return None if self.streaming else len(self.docs)
+
+    def feeds(self, bucket: int) -> bool:
+        return self.buckets is None or bucket in self.buckets
 
 
 def _folder_corpus(key: str, name: str, folder: Path, weight: float, text_field: str) -> Corpus | None:
@@ -354,6 +364,10 @@ def index_corpora(cfg: DictConfig) -> list[Corpus]:
     if not specs:
         raise ConfigError(f"data.train_set.corpora = []: accepted: a list of {{name, path, weight}}, each path "
                           f"{CORPUS_FORMATS}")
+    # The config checks refuse bad buckets already (config.corpus_bucket_errors); kept for configs built in code.
+    lines = corpus_bucket_errors([dict(spec) for spec in specs], len(cfg.train.length_mix))
+    if lines:
+        raise ConfigError("; ".join(lines))
     out = []
     for i, spec in enumerate(specs):
         key, path, name, weight = f"data.train_set.corpora[{i}]", spec.path, str(spec.name), float(spec.weight)
@@ -376,6 +390,8 @@ def index_corpora(cfg: DictConfig) -> list[Corpus]:
             ds = hf_corpus.open_checked(ds_spec)
             docs = _Stream(ds, ds_spec) if ds_spec.streaming else DatasetDocs(ds, ds_spec.text_field)
             corpus = Corpus(name, key, ds_spec.label, weight, docs, streaming=ds_spec.streaming, shuffle_first=False)
+        if spec.get("buckets") is not None:
+            corpus.buckets = tuple(sorted(int(b) for b in spec.buckets))
         out.append(corpus)
     return out
 
@@ -402,13 +418,11 @@ def _encode_in_worker(texts: list[str]) -> list[list[int]]:
     return encode_texts(_WORKER_TOKENIZER, texts)
 
 
-def encode_batches(tokenizer: Any, batches: Iterable[list[T]], text: Callable[[T], str], num_proc: int,
-                   ) -> Iterator[tuple[list[T], list[list[int]]]]:
-    """(batch, token ids of its texts) in the batches' order; num_proc > 1 tokenizes in that many processes,
-    at most 2 x num_proc batches ahead of the caller (the rows do not depend on num_proc)."""
+@contextlib.contextmanager
+def tokenizer_pool(tokenizer: Any, num_proc: int) -> Iterator[Any]:
+    """num_proc > 1: a pool of that many tokenizer processes, one Rust thread each; else None (encode here)."""
     if num_proc <= 1:
-        for batch in batches:
-            yield batch, encode_texts(tokenizer, [text(x) for x in batch])
+        yield None
         return
     methods = mp.get_all_start_methods()
     ctx = mp.get_context("fork" if "fork" in methods else "spawn")
@@ -424,15 +438,32 @@ def encode_batches(tokenizer: Any, batches: Iterable[list[T]], text: Callable[[T
         else:
             os.environ["TOKENIZERS_PARALLELISM"] = saved
     with pool:
-        pending: deque[tuple[list[T], Any]] = deque()
+        yield pool
+
+
+def submit_texts(tokenizer: Any, pool: Any, texts: list[str]) -> Callable[[], list[list[int]]]:
+    """The token ids of ``texts``, to fetch with the returned call: in the pool (started now), or here (pool None)."""
+    if pool is None:
+        ids = encode_texts(tokenizer, texts)
+        return lambda: ids
+    return pool.apply_async(_encode_in_worker, (texts,)).get
+
+
+def encode_batches(tokenizer: Any, batches: Iterable[list[T]], text: Callable[[T], str], num_proc: int,
+                   ) -> Iterator[tuple[list[T], list[list[int]]]]:
+    """(batch, token ids of its texts) in the batches' order; num_proc > 1 tokenizes in that many processes,
+    at most 2 x num_proc batches ahead of the caller (the ids do not depend on num_proc)."""
+    with tokenizer_pool(tokenizer, num_proc) as pool:
+        limit = 1 if pool is None else 2 * num_proc
+        pending: deque[tuple[list[T], Callable[[], list[list[int]]]]] = deque()
         for batch in batches:
-            pending.append((batch, pool.apply_async(_encode_in_worker, ([text(x) for x in batch],))))
-            if len(pending) >= 2 * num_proc:
+            pending.append((batch, submit_texts(tokenizer, pool, [text(x) for x in batch])))
+            if len(pending) >= limit:
                 done, result = pending.popleft()
-                yield done, result.get()
+                yield done, result()
         while pending:
             done, result = pending.popleft()
-            yield done, result.get()
+            yield done, result()
 
 
 def batched(items: Iterable[T], n: int) -> Iterator[list[T]]:
@@ -471,27 +502,76 @@ def epoch_documents(c: Corpus, seed: int, epoch: int) -> Iterator[str]:
         yield c.docs[i]
 
 
-def draw_documents(corpora: list[Corpus], seed: int) -> Iterator[tuple[int, int, str | None]]:
-    """Endless (corpus index, epochs begun, document): a corpus drawn with probability weight /
-    tokens_per_document, then its next document. A stream that ends yields (k, epochs, None) and stops."""
+def corpus_documents(c: Corpus, seed: int) -> Iterator[tuple[int, str | None]]:
+    """Endless (epochs begun, document) of one corpus, epoch after epoch (epoch_documents); a stream that
+    ends yields (epochs, None) and stops."""
+    epochs = 0
+    while True:
+        epochs += 1
+        for text in epoch_documents(c, seed, epochs - 1):
+            yield epochs, text
+        if c.streaming:
+            yield epochs, None
+            return
+
+
+def draw_documents(corpora: list[Corpus], seed: int, is_open: Callable[[int], bool] = lambda k: True,
+                   ) -> Iterator[int]:
+    """Endless corpus indices (the corpus of the next document): corpus k drawn with probability weight_k /
+    tokens_per_document_k among the open ones (is_open(k), asked at every draw; corpus_rows closes a corpus
+    whose buckets are all full, so a bucket's corpora share it by their weights renormalised). While every
+    corpus is open, the draws are those of the weights alone (seeded by the run seed)."""
     rng = random.Random(f"train_data/corpora/{seed}")
     weights = [c.weight / c.tokens_per_document for c in corpora]
-    current: list[Iterator[str] | None] = [None] * len(corpora)
-    epochs = [0] * len(corpora)
+    population = range(len(corpora))
     while True:
-        k = rng.choices(range(len(corpora)), weights)[0]
-        while True:
-            if current[k] is None:
-                current[k] = epoch_documents(corpora[k], seed, epochs[k])
-                epochs[k] += 1
-            text = next(current[k], None)  # type: ignore[arg-type]
-            if text is not None:
-                break
-            if corpora[k].streaming:
-                yield k, epochs[k], None
-                return
-            current[k] = None  # used up: the next epoch, reshuffled
-        yield k, epochs[k], text
+        yield rng.choices(population, [w if is_open(k) else 0.0 for k, w in enumerate(weights)])[0]
+
+
+@dataclass
+class CorpusReader:
+    """One corpus's documents in their order (corpus_documents), tokenized in batches of ``batch`` before they
+    are drawn: (epochs begun, document or None at the end of a stream, token ids). A batch read ahead and
+    never drawn costs its tokenization only; the rows depend on the draws, not on the batches."""
+
+    documents: Iterator[tuple[int, str | None]]
+    tokenizer: Any
+    pool: Any
+    batch: int
+    ready: deque[tuple[int, str | None, list[int]]] = field(default_factory=deque)
+    pending: deque[tuple[list[tuple[int, str | None]], Callable[[], list[list[int]]]]] = field(
+        default_factory=deque)
+    ended: bool = False
+
+    def next(self, ahead: int) -> tuple[int, str | None, list[int]]:
+        """The next document; ``ahead`` batches at most submitted (to the pool) before it is taken."""
+        while not self.ready:
+            while not self.ended and len(self.pending) < ahead:
+                part = list(itertools.islice(self.documents, self.batch))
+                self.ended = len(part) < self.batch
+                if part:
+                    self.pending.append((part, submit_texts(self.tokenizer, self.pool, [t or "" for _, t in part])))
+            if not self.pending:
+                raise RuntimeError("CorpusReader: no document after the end of a stream")  # corpus_rows stops there
+            part, result = self.pending.popleft()
+            self.ready.extend((epoch, text, ids) for (epoch, text), ids in zip(part, result(), strict=True))
+        return self.ready.popleft()
+
+
+def _share_message(c: Corpus, corpora: list[Corpus], buckets: list[Bucket], length: int) -> str:
+    """What a stream that ended had to give: its share by weight of the tokens of the buckets it feeds."""
+    per_weight: dict[float, int] = {}  # tokens of c's buckets, by the summed weight of their corpora
+    for b in buckets:
+        if c.feeds(b.index):
+            w = sum(x.weight for x in corpora if x.feeds(b.index))
+            per_weight[w] = per_weight.get(w, 0) + b.rows * length
+    share, tokens = round(sum(t * c.weight / w for w, t in per_weight.items())), sum(per_weight.values())
+    if all(x.buckets is None for x in corpora):
+        return f"its share by weight, {share} of the {tokens} tokens of train.length_mix, and more where documents " \
+               "fall into full buckets"
+    fed = [b.index for b in buckets if c.feeds(b.index)]
+    return (f"its share by weight in the buckets it feeds, {share} of the {tokens} tokens of its train.length_mix "
+            f"buckets {fed}, and more where documents fall into full buckets or buckets it does not feed")
 
 
 def corpus_rows(tokenizer: Any, corpora: list[Corpus], buckets: list[Bucket], length: int, seed: int,
@@ -499,47 +579,76 @@ def corpus_rows(tokenizer: Any, corpora: list[Corpus], buckets: list[Bucket], le
     head = [int(tokenizer.bos_token_id)] if tokenizer.bos_token_id is not None else []
     tail = [int(tokenizer.eos_token_id)] if tokenizer.eos_token_id is not None else []
     rows = {b.index: RowBuilder(length, b.is_long) for b in buckets}
-    seen: set[int] = set()  # buckets any document fell into
-    total, weights = sum(b.rows for b in buckets) * length, sum(c.weight for c in corpora)
-    drawn = batched(draw_documents(corpora, seed), batch)
-    for part, encoded in encode_batches(tokenizer, drawn, lambda d: d[2] or "", num_proc):
-        for (k, epoch, text), ids in zip(part, encoded, strict=True):
+    seen: set[int] = set()  # buckets a document of a corpus that feeds them fell into
+    feeders = {b.index: [k for k, c in enumerate(corpora) if c.feeds(b.index)] for b in buckets}
+    is_open = [True] * len(corpora)  # a corpus closes when every bucket it feeds is full
+
+    def aheads() -> list[int]:
+        """Batches submitted ahead per corpus: about 2 x num_proc in all, shared as the corpora are drawn."""
+        if num_proc <= 1:
+            return [1] * len(corpora)
+        w = [c.weight / c.tokens_per_document if o else 0.0 for c, o in zip(corpora, is_open, strict=True)]
+        return [1 + math.ceil(2 * num_proc * x / sum(w)) for x in w]
+
+    def place(c: Corpus, ids: list[int]) -> tuple[Bucket, RowBuilder] | None:
+        """A document into its bucket's row; the row when this document completed it."""
+        ids = head + ids + tail
+        c.tokens += len(ids)
+        b = bucket_of(buckets, len(ids))
+        if not c.feeds(b.index):
+            stats["other_bucket_documents"] += 1
+            return None
+        seen.add(b.index)
+        if b.full:
+            stats["skipped_documents"] += 1
+            return None
+        c.used += 1
+        b.documents += 1
+        row = rows[b.index]
+        b.cut_documents += row.add(ids)
+        if not row.full:
+            return None
+        b.done_rows += 1
+        rows[b.index] = RowBuilder(length, b.is_long)
+        return b, row
+
+    with tokenizer_pool(tokenizer, num_proc) as pool:
+        readers = [CorpusReader(corpus_documents(c, seed), tokenizer, pool, batch) for c in corpora]
+        ahead = aheads()
+        for draws, k in enumerate(draw_documents(corpora, seed, is_open.__getitem__), 1):
             c = corpora[k]
+            epoch, text, ids = readers[k].next(ahead[k])
             if text is None:
-                share = round(total * c.weight / weights)
                 raise ConfigError(
                     f"{c.key}: corpus {c.name!r}, dataset {c.label}: the stream ended after {c.drawn} documents, "
-                    f"{c.tokens} tokens, before the rows were complete (needed: its share by weight, {share} of "
-                    f"the {total} tokens of train.length_mix, and more where documents fall into full buckets); "
-                    f"accepted: a larger split, streaming: false (documents repeat), or a lower weight")
+                    f"{c.tokens} tokens, before the rows were complete (needed: "
+                    f"{_share_message(c, corpora, buckets, length)}); accepted: a larger split, streaming: false "
+                    "(documents repeat), or a lower weight")
             c.drawn += 1
             c.epochs = max(c.epochs, epoch)
-            if not text:
+            if text:
+                done = place(c, ids)
+            else:
                 stats["empty_documents"] += 1
-                continue
-            ids = head + ids + tail
-            c.tokens += len(ids)
-            b = bucket_of(buckets, len(ids))
-            seen.add(b.index)
-            if b.full:
-                stats["skipped_documents"] += 1
-                continue
-            c.used += 1
-            b.documents += 1
-            row = rows[b.index]
-            b.cut_documents += row.add(ids)
-            if row.full:
-                b.done_rows += 1
-                rows[b.index] = RowBuilder(length, b.is_long)
-                yield b, row
+                done = None
+            if done is not None:
+                yield done
                 if all(b.full for b in buckets):
                     return
-        if all(c.epochs >= 2 for c in corpora):  # every document seen at least once
-            missing = [b for b in buckets if not b.full and b.index not in seen]
-            if missing:
-                b = missing[0]
-                raise ConfigError(f"train.length_mix[{b.index}]: no document of the corpora has ({b.low}, "
-                                  f"{b.max_len}] tokens; accepted: corpora with such documents, or no such bucket")
+                if done[0].full:  # close the corpora whose buckets are now all full
+                    is_open[:] = [o and any(not b.full for b in buckets if x.feeds(b.index))
+                                  for x, o in zip(corpora, is_open, strict=True)]
+                    ahead = aheads()
+            if draws % batch == 0:  # every document of a bucket's corpora seen at least once, none in it
+                missing = [b for b in buckets if not b.full and b.index not in seen
+                           and all(corpora[j].epochs >= 2 for j in feeders[b.index])]
+                if missing:
+                    b = missing[0]
+                    names = ("the corpora" if len(feeders[b.index]) == len(corpora) else "the corpora that feed it ("
+                             + ", ".join(corpora[j].name for j in feeders[b.index]) + ")")
+                    raise ConfigError(f"train.length_mix[{b.index}]: no document of {names} has ({b.low}, "
+                                      f"{b.max_len}] tokens; accepted: corpora with such documents, or no such "
+                                      "bucket")
 
 
 # --------------------------------------------------------------------------- stage
@@ -565,7 +674,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     else:
         corpora = index_corpora(cfg)  # every corpus checked before any is tokenized
         calibrate(tokenizer, corpora)
-        stats = {"empty_documents": 0, "skipped_documents": 0}
+        stats = {"empty_documents": 0, "skipped_documents": 0, "other_bucket_documents": 0}
         rows = corpus_rows(tokenizer, corpora, buckets, length, seed, stats, num_proc=num_processes(cfg))
 
     with stage_run(cfg, "train_data", per_seed=True) as tracker:
@@ -580,6 +689,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             writer.flush()
             if ts.source == "corpora":
                 stats["corpora"] = [{"name": c.name, "path": c.label, "weight": c.weight, "streaming": c.streaming,
+                                     "buckets": None if c.buckets is None else list(c.buckets),
                                      "documents_indexed": c.size, "documents_drawn": c.drawn,
                                      "documents_used": c.used, "tokens_drawn": c.tokens, "epochs": c.epochs,
                                      "calibrated_tokens_per_document": round(c.tokens_per_document, 1)}
