@@ -3,6 +3,7 @@ with the difference, the three formats, early errors."""
 
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -191,6 +192,15 @@ def test_report_classifies_the_papers_claims_on_paired_samples_counted_once(tmp_
                   if line.startswith("| Table 2 before fine-tuning (our addition) | longrope2 > yarn | NIAH 1k |"))
     assert f"| {n} | 2 | -0.500 [" in before and "| 0/80 |" in before and "| contradicted |" in before
     assert "seeds sharing the samples" in detail
+    # the acceptance: no superiority comparison is reproduced by an interval that reaches 0 or without a
+    # discordant sample (claims_detail.csv, as a reader parses it)
+    rows = list(csv.DictReader((out / "claims_detail.csv").open()))
+    reproduced = [r for r in rows if " > " in r["comparison"] and r["result"] == "reproduced"]
+    assert reproduced
+    for r in reproduced:
+        low = float(r["a − b [95 % CI]"].split("[")[1].split(",")[0])
+        a_only, b_only = map(int, r["a/b only"].split("/"))
+        assert low > 0 and a_only + b_only > 0 and float(r["p (Holm)"]) < 0.05, r
     # a stale result whose samples are not the others': the report stops and names both files
     stale = niah([1] * 150 + [0] * 10)
     stale["ids"]["1024"][0] = "niah/1024/0/other"

@@ -168,16 +168,18 @@ def test_toy_evaluations_show_the_extension_with_the_recorded_figures(toy_run):
     assert "**Short tasks and retention (Table 4)**" in text and "| longrope2 | 95.31 | 90.62 | " in text
     assert "Fine-tuning: 120,000 tokens = 8.37 % of the base's 1,433,600 pretraining tokens" in text
     assert "| §3, critical dimension | 2 | 2 | 0 | 0 | reproduced |" in text
-    # a superiority claim is never reproduced by an interval that reaches 0, or without a discordant sample
+    # this run fine-tunes LongRoPE2 only: Table 2's baselines are named as not run, never guessed; the
+    # comparisons it can make (retention against the base) are decided against their bound
     rows = list(csv.DictReader((toy_run / "report" / "claims_detail.csv").open()))
-    superiority = [r for r in rows if " > " in r["comparison"] and r["a − b [95 % CI]"]]
-    assert superiority and {r["claim"] for r in rows} >= {"Table 2, fine-tuned: LongRoPE2 outperforms"}
-    for r in superiority:
+    table2 = [r for r in rows if r["claim"] == "Table 2, fine-tuned: LongRoPE2 outperforms"]
+    assert len(table2) == 12 and all(r["result"] == "unresolved" and "not run by this experiment (experiment toy:" in r["note"]
+                                     for r in table2)
+    retention = [r for r in rows if r["claim"] == "Table 4, short-context retention"]
+    assert len(retention) == 3 and all(r["a − b [95 % CI]"] for r in retention)
+    for r in retention:
         low = float(r["a − b [95 % CI]"].split("[")[1].split(",")[0])
-        a_only, b_only = map(int, r["a/b only"].split("/"))
-        if r["result"] == "reproduced":
-            assert low > 0 and a_only > b_only and float(r["p (Holm)"]) < 0.05, r
-        assert int(r["n"]) >= 300 or not r["evidence"].startswith("NIAH")  # the ±0.05 half-width's sample size
+        bound = float(r["comparison"].split("≥ ")[1].split(" ")[0])
+        assert r["result"] != "reproduced" or (low > bound and float(r["p (Holm)"]) < 0.05), r
 
 
 # Every sample's outcome, per model and suite: the results a kill must not change (golden "outcomes").
