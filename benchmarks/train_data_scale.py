@@ -1,7 +1,7 @@
 """Stage train_data at scale: rows built + written per second and bytes per token on disk, the old dense
 .pt shards (4 tensors per token, 14 bytes) vs the compact format (longrope2.rows: uint16 memmap + sparse);
 and tokenization of a local parquet dataset, before (one process, transformers' batch call, as corpus_rows
-did) and after (train_data.encode_texts: the fast tokenizer's batch encoding; encode_batches with
+did) and after (train_data.encode_texts: the fast tokenizer's batch encoding; the stage's CorpusReader with
 --num-proc processes), then the whole stage on that dataset (streamed) with num_proc 1 and --num-proc.
 
 Tokenizer throughput on the Bible is measured with the toy's tokenizer; the rest of the ``--tokens`` are
@@ -97,7 +97,7 @@ def tokenization_rates(folder: Path, tokenizer: object, num_proc: int, batch: in
     import datasets
 
     texts = datasets.load_dataset(str(folder), split="train")["text"]
-    batches = list(train_data.batched(texts, batch))
+    batches = [texts[i:i + batch] for i in range(0, len(texts), batch)]
     out = {}
 
     def timed(name: str, encode) -> None:
@@ -111,8 +111,13 @@ def tokenization_rates(folder: Path, tokenizer: object, num_proc: int, batch: in
                                                for ids in tokenizer(b, add_special_tokens=False)["input_ids"]))
     timed("after_batch_encoding", lambda: (ids for b in tqdm(batches, desc="after", mininterval=5)
                                            for ids in train_data.encode_texts(tokenizer, b)))
-    timed(f"after_num_proc_{num_proc}", lambda: (ids for _, part in train_data.encode_batches(
-        tokenizer, tqdm(batches, desc=f"num_proc {num_proc}", mininterval=5), str, num_proc) for ids in part))
+    def in_processes():  # the stage's reader (train_data.CorpusReader): batches tokenized ahead in num_proc processes
+        with train_data.tokenizer_pool(tokenizer, num_proc) as pool:
+            reader = train_data.CorpusReader(iter([(1, t) for t in texts]), tokenizer, pool, batch)
+            for _ in tqdm(range(len(texts)), desc=f"num_proc {num_proc}", mininterval=5):
+                yield reader.next(ahead=2 * num_proc)[2]
+
+    timed(f"after_num_proc_{num_proc}", in_processes)
     return out
 
 

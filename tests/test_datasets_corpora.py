@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import random
 import re
+from pathlib import Path
 
 import datasets
 import pytest
@@ -124,9 +125,10 @@ def test_batched_and_multiprocess_tokenization_equal_one_document_at_a_time(tmp_
     texts = _texts(50) + ["", "  spaced  out ", "ünïcode — text\nwith lines"]
     expected = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     assert train_data.encode_texts(tok, texts) == expected
-    batches = list(train_data.batched(texts, 7))
-    for num_proc in (1, 2):
-        got = [ids for _, part in train_data.encode_batches(tok, batches, str, num_proc) for ids in part]
+    for num_proc in (1, 2):  # the stage's reader: batches of 7 tokenized ahead, in num_proc processes
+        with train_data.tokenizer_pool(tok, num_proc) as pool:
+            reader = train_data.CorpusReader(iter([(1, t) for t in texts]), tok, pool, batch=7)
+            got = [reader.next(ahead=2 * num_proc)[2] for _ in texts]
         assert got == expected, num_proc
     # The stage: the same rows whatever num_proc (two corpora, one in memory, one a folder of *.txt).
     books = tmp_path / "books"
@@ -213,11 +215,16 @@ def test_empty_split(tmp_path, toy_model_dir):
             "split")
 
 
-def test_a_stream_that_ends_before_the_rows_are_complete(tmp_path, toy_model_dir):
+def _short_stream(tmp_path, toy_model_dir) -> tuple[Path, int]:
+    """A parquet folder of 12 documents, and their tokens with BOS and EOS: a stream that ends too early."""
     texts = _texts(12)
     folder = _parquet(tmp_path / "short", texts)
     tok = AutoTokenizer.from_pretrained(toy_model_dir)
-    tokens = sum(len(tok(t, add_special_tokens=False)["input_ids"]) + 2 for t in texts)  # + BOS, EOS
+    return folder, sum(len(tok(t, add_special_tokens=False)["input_ids"]) + 2 for t in texts)
+
+
+def test_a_stream_that_ends_before_the_rows_are_complete(tmp_path, toy_model_dir):
+    folder, tokens = _short_stream(tmp_path, toy_model_dir)
     _fails(tmp_path, _cfg(tmp_path, toy_model_dir, _corpora(
         {"name": "big", "path": str(_parquet(tmp_path / "big", _texts(100))), "weight": 1.0},
         {"name": "web", "path": str(folder), "weight": 3.0, "streaming": True})),
@@ -230,10 +237,7 @@ def test_a_stream_that_ends_before_the_rows_are_complete(tmp_path, toy_model_dir
 def test_a_stream_that_ends_names_its_share_of_the_buckets_it_feeds(tmp_path, toy_model_dir):
     # web feeds buckets 0 and 1, big bucket 1 only: web's share is all of bucket 0 (2560 tokens) and 3 / (3 + 1)
     # of bucket 1 (2048 tokens): 4096 of the 4608 tokens of its buckets.
-    texts = _texts(12)
-    folder = _parquet(tmp_path / "short", texts)
-    tok = AutoTokenizer.from_pretrained(toy_model_dir)
-    tokens = sum(len(tok(t, add_special_tokens=False)["input_ids"]) + 2 for t in texts)  # + BOS, EOS
+    folder, tokens = _short_stream(tmp_path, toy_model_dir)
     _fails(tmp_path, _cfg(tmp_path, toy_model_dir, _corpora(
         {"name": "big", "path": str(_parquet(tmp_path / "big", _texts(100))), "weight": 1.0, "buckets": [1]},
         {"name": "web", "path": str(folder), "weight": 3.0, "streaming": True, "buckets": [0, 1]})),

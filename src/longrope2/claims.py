@@ -29,11 +29,10 @@ from typing import Any
 
 from longrope2 import stats
 from longrope2.stats import CONTRADICTED, REPRODUCED, UNRESOLVED, PairedDifference
-from longrope2.tables import Table
+from longrope2.tables import TABLE2_BASELINES, Table
 
 BASE = "base"
 PAPER_RETENTION = 0.976  # Table 4: 61.7 / 63.2 (Phi3-mini); LLaMA3-8B 98.6 %
-TABLE2_BASELINES = ("longrope", "ntk", "yarn")  # the paper's Table 2 rows besides LongRoPE2
 OUR_BASELINES = ("pi", "none")  # in this project's Table 2, not in the paper's
 
 

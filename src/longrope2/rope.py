@@ -120,12 +120,16 @@ def ntk_base_at(rotary_dim: int, base: float, s: float, c: float) -> float:
     return base * s ** (rotary_dim / (2 * c))
 
 
+def ntk_factors_at(n_pairs: int, s: float, c: float) -> Tensor:
+    """NTK tied at pair c as factors, float64 (D,): λ_i = s^(i / c) (ntk_base_at's base)."""
+    i = torch.arange(n_pairs, dtype=torch.float64)
+    return float(s) ** (i / c)
+
+
 def ntk_factors(rotary_dim: int, base: float, train_len: int, s: float) -> Tensor:
     """The paper's NTK as factors, float64 (D,): λ_i = s^(i / d_tcd) with the real-valued d_tcd, so
     λ = s exactly at d_tcd and λ_i > s above it (LLaMA3-8B 8k -> 128k: λ_63 = 16^(63/34.98) ≈ 147)."""
-    c = critical_dim_real(rotary_dim, base, train_len)
-    i = torch.arange(rotary_dim // 2, dtype=torch.float64)
-    return float(s) ** (i / c)
+    return ntk_factors_at(rotary_dim // 2, s, critical_dim_real(rotary_dim, base, train_len))
 
 
 def ntk_aware_base(rotary_dim: int, base: float, s: float) -> float:

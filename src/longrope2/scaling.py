@@ -189,7 +189,7 @@ class RopeScaling:
         if critical_dim is None:
             lam = rope.ntk_factors(facts.rotary_dim, facts.rope_theta, facts.train_len, s)
         else:
-            lam = float(s) ** (torch.arange(facts.rotary_dim // 2, dtype=torch.float64) / critical_dim)
+            lam = rope.ntk_factors_at(facts.rotary_dim // 2, s, critical_dim)
         return cls._make("ntk", facts, target_len, lam, critical_dim=critical_dim)
 
     @classmethod

@@ -56,10 +56,10 @@ import multiprocessing as mp
 import os
 import random
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -78,7 +78,6 @@ CORPUS_FORMATS = ('a local folder of *.txt files (one document per file) or *.js
                   '(one JSON object per line with a "text" field), a local dataset folder (parquet / arrow / '
                   'json(l) shards, or save_to_disk) or a hub dataset id (docs/data.md)')
 CALIBRATION_DOCUMENTS = 256  # per corpus: its tokens per document, to draw by token shares
-T = TypeVar("T")
 
 
 @dataclass
@@ -447,29 +446,6 @@ def submit_texts(tokenizer: Any, pool: Any, texts: list[str]) -> Callable[[], li
         ids = encode_texts(tokenizer, texts)
         return lambda: ids
     return pool.apply_async(_encode_in_worker, (texts,)).get
-
-
-def encode_batches(tokenizer: Any, batches: Iterable[list[T]], text: Callable[[T], str], num_proc: int,
-                   ) -> Iterator[tuple[list[T], list[list[int]]]]:
-    """(batch, token ids of its texts) in the batches' order; num_proc > 1 tokenizes in that many processes,
-    at most 2 x num_proc batches ahead of the caller (the ids do not depend on num_proc)."""
-    with tokenizer_pool(tokenizer, num_proc) as pool:
-        limit = 1 if pool is None else 2 * num_proc
-        pending: deque[tuple[list[T], Callable[[], list[list[int]]]]] = deque()
-        for batch in batches:
-            pending.append((batch, submit_texts(tokenizer, pool, [text(x) for x in batch])))
-            if len(pending) >= limit:
-                done, result = pending.popleft()
-                yield done, result()
-        while pending:
-            done, result = pending.popleft()
-            yield done, result()
-
-
-def batched(items: Iterable[T], n: int) -> Iterator[list[T]]:
-    it = iter(items)
-    while batch := list(itertools.islice(it, n)):
-        yield batch
 
 
 def calibrate(tokenizer: Any, corpora: list[Corpus], documents: int = CALIBRATION_DOCUMENTS) -> None:
