@@ -1,6 +1,7 @@
-"""Claims: coverage of the paired 95 % intervals and false verdict rates of `stats.classify`, 1 seed and 3 seeds.
+"""Claims: coverage of the paired 95 % intervals and false verdict rates of `reporting.stats.classify`, 1 seed and
+3 seeds.
 
-A simulation of the report's comparisons "a > b" (src/longrope2/stats.py: `paired_difference` for one seed,
+A simulation of the report's comparisons "a > b" (src/longrope2/reporting/stats.py: `paired_difference` for one seed,
 `replicated_difference` for several, `classify(diff, ">")` for the verdict) on per-item 0/1 outcomes.
 
 Data-generating model. n items with difficulty u_j ~ Normal(0, σ_item) on the logit scale (σ_item = 1.5),
@@ -73,7 +74,7 @@ from scipy import optimize, special  # noqa: E402
 from scipy.stats import t as t_dist  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from longrope2 import stats  # noqa: E402
+from longrope2.reporting import stats
 
 SIGMA_ITEM = 1.5
 DELTAS = (0.0, 0.05, 0.10)
@@ -135,7 +136,8 @@ def scenarios() -> list[Scenario]:
 
 
 class OneSeed:
-    """stats.paired_difference + classify, cached on (a_only, b_only, n): all they depend on for 0/1 outcomes."""
+    """reporting.stats.paired_difference + classify, cached on (a_only, b_only, n): all they depend on for 0/1
+    outcomes."""
 
     def __init__(self) -> None:
         self.cache: dict[tuple[int, int, int], tuple[float, float, float, str]] = {}

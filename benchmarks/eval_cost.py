@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 
-from longrope2.config import compose_config
+from longrope2.core.config import compose_config
 
 
 def timed_evaluate(overrides: list[str], variant: str, suite: str) -> tuple[float, str]:

@@ -21,9 +21,10 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
 
-from longrope2 import rope
-from longrope2.needle import NeedleTemplate, build_needle_sample, needle_scores
-from longrope2.scaling import METHODS, RopeFacts, RopeScaling
+from longrope2.data.needles import NeedleTemplate, build_needle_sample
+from longrope2.lm.losses import needle_scores
+from longrope2.rope import factors as rope
+from longrope2.rope.scaling import METHODS, RopeFacts, RopeScaling
 
 FAILURES: list[str] = []
 

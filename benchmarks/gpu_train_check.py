@@ -25,9 +25,11 @@ import sys
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from longrope2 import mixed
-from longrope2.scaling import RopeFacts, RopeScaling
-from longrope2.train import ChunkedLossLM
+from longrope2.data import rows
+from longrope2.lm import losses
+from longrope2.rope.scaling import RopeFacts, RopeScaling
+from longrope2.training import mixed
+from longrope2.training.step import ChunkedLossLM
 
 FAILURES: list[str] = []
 DEVICE = "cuda"  # --cpu: the same checks on the CPU (a dry run of this script; sdpa only)
@@ -60,10 +62,10 @@ def packed_vs_alone(attn: str) -> None:
     net = ChunkedLossLM(lm, 1024)
     lengths = DOCS
     ids = torch.randint(5, 32000, (1, sum(lengths)), device=DEVICE)
-    pos = mixed.document_position_ids(lengths)[None].to(DEVICE)
-    doc = mixed.document_ids(pos)
-    labels = mixed.causal_lm_labels(ids, doc)
-    weights = mixed.label_weights(torch.ones_like(ids, dtype=torch.float32), labels)
+    pos = rows.document_position_ids(lengths)[None].to(DEVICE)
+    doc = rows.document_ids(pos)
+    labels = losses.causal_lm_labels(ids, doc)
+    weights = losses.label_weights(torch.ones_like(ids, dtype=torch.float32), labels)
     mask = mixed.document_causal_mask(doc, torch.bfloat16) if attn == "sdpa" else None
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
         total, count = net(ids, pos, mask, labels, weights)
@@ -73,9 +75,9 @@ def packed_vs_alone(attn: str) -> None:
             start = 0
             for n in lengths:
                 piece = ids[:, start : start + n]
-                lab = mixed.causal_lm_labels(piece)
+                lab = losses.causal_lm_labels(piece)
                 t, _ = net(piece, torch.arange(n, device=DEVICE)[None], None, lab,
-                           mixed.label_weights(torch.ones_like(piece, dtype=torch.float32), lab))
+                           losses.label_weights(torch.ones_like(piece, dtype=torch.float32), lab))
                 alone += float(t)
                 start += n
     packed = float(total.detach())

@@ -4,7 +4,7 @@ One candidate evaluation of the factor search = scoring one sample set (N sample
 model's window, each ending in a 5- to 7-token answer) once. It is timed and its peak memory is
 measured for two ways of computing the same fitness, exp(mean over samples of the mean answer NLL):
 
-- ``answer-only``: ``longrope2.needle.needle_sample_losses`` runs the decoder and sends only the
+- ``answer-only``: ``longrope2.lm.losses.needle_sample_losses`` runs the decoder and sends only the
   answer positions through the LM head;
 - ``naive``: ``model(input_ids).logits`` (L x vocab) and transformers' own causal-LM loss with the
   labels masked to the answer, i.e. what a plain forward + loss does.
@@ -51,7 +51,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without install
 
-from longrope2.needle import NeedleSample, needle_sample_losses
+from longrope2.data.needles import NeedleSample
+from longrope2.lm.losses import needle_sample_losses
 
 PATHS = ("naive", "answer-only")
 REL_TOL = {"float32": 1e-5, "bfloat16": 2e-2}

@@ -36,10 +36,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from longrope2 import evolution, rope  # noqa: E402
-from longrope2.config import compose_config  # noqa: E402
-from longrope2.evolution import Individual, SearchSpace  # noqa: E402
-from longrope2.search import new_run_state, run_ga  # noqa: E402
+from longrope2.core.config import compose_config
+from longrope2.evolution import space as evolution
+from longrope2.evolution.driver import new_run_state, run_ga
+from longrope2.evolution.space import Individual, SearchSpace
+from longrope2.rope import factors as rope
 
 BUDGET = 1344  # the paper's: 64 + 40 x 32
 

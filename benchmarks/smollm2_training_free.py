@@ -16,7 +16,7 @@ import math
 import sys
 from pathlib import Path
 
-from longrope2.stats import paired_difference
+from longrope2.reporting.stats import paired_difference
 
 METHODS = ["none", "pi", "ntk", "yarn", "longrope2_dtcd"]
 LABELS = {"none": "none", "pi": "PI", "ntk": "NTK", "yarn": "YaRN", "longrope2_dtcd": "LongRoPE2 rule at d_tcd"}

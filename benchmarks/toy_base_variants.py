@@ -20,8 +20,14 @@ from pathlib import Path
 
 import torch
 
-from longrope2 import corpus, fitness, rope, toy
-from longrope2.scaling import RopeScaling, rope_facts_from_hf_config
+from longrope2.core.config import compose_config
+from longrope2.data import corpus
+from longrope2.evolution import fitness
+from longrope2.rope import factors as rope
+from longrope2.rope.scaling import RopeScaling, rope_facts_from_hf_config
+from longrope2.toy import data, pretraining
+from longrope2.toy import gate as gate_
+from longrope2.toy import settings as settings_
 
 SEARCHED_TAIL = [9.56, 9.93] + [11.79] * 6 + [12.84, 13.98]  # pairs 6-15 of a toy search (seed 0)
 
@@ -38,19 +44,20 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
-    # As conf/model/toy.yaml (the dataclass default of the fragility bar is lower).
-    settings = toy.ToyPretrainSettings(**({"gate_min_fragility_em": 0.7, "progress": False}
-                                          | json.loads(args.overrides)))
+    # The gate's thresholds from their one home, conf/model/toy.yaml.
+    pretrain = compose_config(["experiment=toy"]).model.pretrain
+    gate = {k: float(pretrain[k]) for k in ("gate_min_em", "gate_min_fragility_em", "gate_max_collapse_em")}
+    settings = settings_.ToyPretrainSettings(**(gate | {"progress": False} | json.loads(args.overrides)))
     train_docs, held_docs = corpus.split_documents(corpus.load_documents(args.corpus), 0.15, 0)
     t0 = time.time()
-    res = toy.pretrain_base_model(settings, train_docs, held_docs, args.seed, out / "work" / args.name)
+    res = pretraining.pretrain_base_model(settings, train_docs, held_docs, args.seed, out / "work" / args.name)
     pretrain_s = time.time() - t0
     model, tok = res.model, res.tokenizer
-    gate = toy.gate(model, tok, held_docs, settings)
+    gate = gate_.gate(model, tok, held_docs, settings)
 
     facts = rope_facts_from_hf_config(model.config)
     n, length, s = facts.rotary_dim // 2, 8 * settings.seq_len, 8.0
-    samples = toy.heldout_samples(tok, toy.encode_stream(tok, held_docs), settings.template(), length,
+    samples = data.heldout_samples(tok, data.encode_stream(tok, held_docs), settings.template(), length,
                                   args.samples, 0, purpose="explore")
     head = rope.ntk_tied_factors(SEARCHED_TAIL[0], 6, n)[:6].tolist()
     yarn = rope.yarn_factors(facts.rotary_dim, facts.rope_theta, facts.train_len, s).tolist()

@@ -20,7 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from longrope2.stats import replicated_difference
+from longrope2.reporting.stats import replicated_difference
 
 METHODS = ["none", "pi", "ntk", "yarn", "longrope", "longrope2"]
 

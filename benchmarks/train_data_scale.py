@@ -1,7 +1,7 @@
 """Stage train_data at scale: rows built + written per second and bytes per token on disk, the old dense
-.pt shards (4 tensors per token, 14 bytes) vs the compact format (longrope2.rows: uint16 memmap + sparse);
+.pt shards (4 tensors per token, 14 bytes) vs the compact format (longrope2.data.rows: uint16 memmap + sparse);
 and tokenization of a local parquet dataset, before (one process, transformers' batch call, as corpus_rows
-did) and after (train_data.encode_texts: the fast tokenizer's batch encoding; the stage's CorpusReader with
+did) and after (data.tokenize.encode_texts: the fast tokenizer's batch encoding; the stage's CorpusReader with
 --num-proc processes), then the whole stage on that dataset (streamed) with num_proc 1 and --num-proc.
 
 Tokenizer throughput on the Bible is measured with the toy's tokenizer; the rest of the ``--tokens`` are
@@ -29,11 +29,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from longrope2 import corpus, train_data
-from longrope2 import rows as rows_format
-from longrope2.config import compose_config
-from longrope2.inputs import load_tokenizer
-from longrope2.train_data import RowBuilder, ShardWriter
+from longrope2 import train_data
+from longrope2.core.config import compose_config
+from longrope2.data import corpora, corpus, tokenize
+from longrope2.data import rows as rows_format
+from longrope2.data.packing import RowBuilder
+from longrope2.data.rows import ShardWriter
+from longrope2.lm.loading import load_tokenizer
 
 PAPER_TOKENS = 10_000_000_000
 
@@ -80,7 +82,7 @@ def realistic_parquet(folder: Path, tokenizer: object, tokens: int, shards: int 
     code = [f.read_text(errors="replace") for f in sorted(Path(transformers.__file__).parent.rglob("*.py"))]
     code = [t for t in code if t.strip()]
     unit = prose + code
-    unit_tokens = sum(len(x) for x in train_data.encode_texts(tokenizer, unit))
+    unit_tokens = sum(len(x) for x in tokenize.encode_texts(tokenizer, unit))
     texts = unit * -(-tokens // unit_tokens)
     (folder / "data").mkdir(parents=True)
     ds = datasets.Dataset.from_dict({"text": texts, "id": list(range(len(texts)))})
@@ -110,10 +112,10 @@ def tokenization_rates(folder: Path, tokenizer: object, num_proc: int, batch: in
     timed("before_transformers_call", lambda: (ids for b in tqdm(batches, desc="before", mininterval=5)
                                                for ids in tokenizer(b, add_special_tokens=False)["input_ids"]))
     timed("after_batch_encoding", lambda: (ids for b in tqdm(batches, desc="after", mininterval=5)
-                                           for ids in train_data.encode_texts(tokenizer, b)))
-    def in_processes():  # the stage's reader (train_data.CorpusReader): batches tokenized ahead in num_proc processes
-        with train_data.tokenizer_pool(tokenizer, num_proc) as pool:
-            reader = train_data.CorpusReader(iter([(1, t) for t in texts]), tokenizer, pool, batch)
+                                           for ids in tokenize.encode_texts(tokenizer, b)))
+    def in_processes():  # the stage's reader (data.corpora.CorpusReader): batches tokenized ahead in num_proc processes
+        with tokenize.tokenizer_pool(tokenizer, num_proc) as pool:
+            reader = corpora.CorpusReader(iter([(1, t) for t in texts]), tokenizer, pool, batch)
             for _ in tqdm(range(len(texts)), desc=f"num_proc {num_proc}", mininterval=5):
                 yield reader.next(ahead=2 * num_proc)[2]
 

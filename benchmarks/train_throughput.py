@@ -5,7 +5,7 @@ Same model, same documents, same optimiser-free forward + backward (the chunked 
 side in one run; long rows (one 1 024-token causal row each) are the same in all three. Short
 rows hold several documents of <= L_train tokens in L tokens, positions restarting:
 - unpacked (what stage `train` does under SDPA): the row's documents as rows of their own,
-  right-padded to the longest (mixed.unpack_documents), plain causal attention;
+  right-padded to the longest (training.mixed.unpack_documents), plain causal attention;
 - masked: the packed row as it is, with the L x L per-document causal mask;
 - padded: every document alone in a row of L tokens (padding masked out of attention and loss).
 Throughput counts real (non-padding) tokens per second.
@@ -25,8 +25,10 @@ from pathlib import Path
 
 import torch
 
-from longrope2 import mixed
-from longrope2.train import ChunkedLossLM, Rows
+from longrope2.data.rows import Rows
+from longrope2.lm import losses
+from longrope2.training import mixed
+from longrope2.training.step import ChunkedLossLM
 
 
 def padded_documents(row: dict[str, torch.Tensor], length: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
@@ -57,8 +59,8 @@ def run_packed(model: ChunkedLossLM, rows: dict[str, torch.Tensor], unpack: bool
         r = {k: v[i : i + 1] for k, v in rows.items()}
         long = bool(r["is_long"][0])
         ids, pos = r["input_ids"], r["position_ids"]
-        labels = mixed.causal_lm_labels(ids, None if long else r["doc_ids"])
-        weights = mixed.label_weights(r["loss_weight"], labels)
+        labels = losses.causal_lm_labels(ids, None if long else r["doc_ids"])
+        weights = losses.label_weights(r["loss_weight"], labels)
         mask = None
         if not long and unpack:
             ids, pos, labels, weights = mixed.unpack_documents(r["doc_ids"], ids, pos, labels, weights)
@@ -75,18 +77,18 @@ def run_padded(model: ChunkedLossLM, rows: dict[str, torch.Tensor], pad_id: int)
     for i in range(rows["input_ids"].shape[0]):
         r = {k: v[i] for k, v in rows.items()}
         if bool(r["is_long"]):
-            labels = mixed.causal_lm_labels(r["input_ids"][None])
+            labels = losses.causal_lm_labels(r["input_ids"][None])
             step(model, r["input_ids"][None], r["position_ids"][None], None, labels,
-                 mixed.label_weights(r["loss_weight"][None], labels))
+                 losses.label_weights(r["loss_weight"][None], labels))
             real += length
             padded_rows += 1
             continue
         for doc in padded_documents(r, length, pad_id):
             ids = doc["input_ids"][None]
-            labels = mixed.causal_lm_labels(ids)
-            labels[0, doc["real"] - 1 :] = mixed.IGNORE_INDEX  # nothing predicted from or into padding
+            labels = losses.causal_lm_labels(ids)
+            labels[0, doc["real"] - 1 :] = losses.IGNORE_INDEX  # nothing predicted from or into padding
             mask = doc["keep"][None].long()  # 2D padding mask: transformers builds the causal part
-            weights = mixed.label_weights(doc["loss_weight"][None], labels)
+            weights = losses.label_weights(doc["loss_weight"][None], labels)
             step(model, ids, torch.arange(length)[None], mask, labels, weights)
             real += doc["real"]
             padded_rows += 1

@@ -37,6 +37,25 @@ def torch_threads(request):
     torch.set_num_threads(before)
 
 
+def smoke_args(out: Path | str | None = None, model_dir: Path | str | None = None) -> list[str]:
+    """The Hydra overrides every stage test starts from: the fast smoke experiment with MLflow tracking off,
+    writing into `out` (out_dir) with the base model at `model_dir` (model.path), each only when given."""
+    return ["experiment=smoke", *([] if out is None else [f"out_dir={out}"]),
+            *([] if model_dir is None else [f"model.path={model_dir}"]), "tracking.enabled=false"]
+
+
+def assert_figure(path: Path, min_side: int = 100) -> None:
+    """A figure a stage saved is a real picture: a PNG that decodes to an RGB(A) image whose sides both exceed
+    `min_side` pixels and whose pixels vary (not a blank canvas)."""
+    import matplotlib.image
+
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+    image = matplotlib.image.imread(path)  # floats in [0, 1], (height, width, channels)
+    assert image.ndim == 3 and image.shape[2] in (3, 4), (path, image.shape)
+    assert min(image.shape[:2]) > min_side, (path, image.shape)
+    assert float(image[..., :3].std()) > 0.01, (path, "blank")
+
+
 def load_reference() -> dict:
     """Released factor arrays (copied from the team's spec/reference_factors.yaml)."""
     import yaml
@@ -70,9 +89,10 @@ def toy_model_dir(tmp_path_factory):
     """A random-weight toy Llama (window 64) with a toy tokenizer, saved like the pretrain stage's output."""
     import torch
 
-    from longrope2.corpus import generate_documents
-    from longrope2.needle import NeedleTemplate
-    from longrope2.toy import toy_llama_config, train_tokenizer
+    from longrope2.data.corpus import generate_documents
+    from longrope2.data.needles import NeedleTemplate
+    from longrope2.toy.settings import toy_llama_config
+    from longrope2.toy.tokenizer import train_tokenizer
 
     path = tmp_path_factory.mktemp("toy_model") / "base_model"
     template = NeedleTemplate(num_digits=5, distinct_digits=True).shortened()
@@ -91,7 +111,7 @@ def toy_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def books(tmp_path_factory):
     """Eight generated 'books' as *.txt files, shared by the stage tests that build on them."""
-    from longrope2.corpus import generate_documents
+    from longrope2.data.corpus import generate_documents
 
     folder = tmp_path_factory.mktemp("books")
     for i, text in enumerate(generate_documents(8, 1500, seed=5)):
@@ -102,7 +122,7 @@ def books(tmp_path_factory):
 @pytest.fixture
 def book_folder(tmp_path):
     """Eight generated 'books' as *.txt files (corpus source: folder)."""
-    from longrope2.corpus import generate_documents
+    from longrope2.data.corpus import generate_documents
 
     folder = tmp_path / "books"
     folder.mkdir()

@@ -8,8 +8,9 @@ import json
 import pytest
 import torch
 
-from longrope2 import evaluate, inputs, search, train
-from longrope2.config import compose_config
+from longrope2 import evaluate
+from longrope2.core.config import compose_config
+from longrope2.lm.loading import lift_attention_window, load_base_model, load_causal_lm
 
 WINDOW, TRAIN_LEN, TARGET_LEN = 48, 64, 256
 
@@ -49,11 +50,11 @@ def test_lift_attention_window_only_below_target_len():
     from transformers import Phi3Config
 
     short, long = Phi3Config(sliding_window=2047), Phi3Config(sliding_window=262144)
-    assert inputs.lift_attention_window(short, 131072) == "sliding_window 2047 -> null (full attention; " \
+    assert lift_attention_window(short, 131072) == "sliding_window 2047 -> null (full attention; " \
                                                           "target_len = 131072)"
     assert short.sliding_window is None
-    assert inputs.lift_attention_window(long, 131072) is None and long.sliding_window == 262144
-    assert inputs.lift_attention_window(Phi3Config(sliding_window=None), 131072) is None
+    assert lift_attention_window(long, 131072) is None and long.sliding_window == 262144
+    assert lift_attention_window(Phi3Config(sliding_window=None), 131072) is None
 
 
 def test_the_window_hides_the_start_unless_lifted(phi3_dir):
@@ -62,20 +63,20 @@ def test_the_window_hides_the_start_unless_lifted(phi3_dir):
 
     plain = AutoModelForCausalLM.from_pretrained(phi3_dir, dtype=torch.float32).eval()
     assert not _start_is_visible(plain)
-    lifted = inputs.load_causal_lm(str(phi3_dir), TARGET_LEN, dtype=torch.float32).eval()
+    lifted = load_causal_lm(str(phi3_dir), TARGET_LEN, dtype=torch.float32).eval()
     assert lifted.config.sliding_window is None and _start_is_visible(lifted)
 
 
 def test_search_train_and_evaluate_load_the_model_with_the_window_lifted(phi3_dir, tmp_path):
     cfg = compose_config(["experiment=phi3_mini_128k", f"model.path={phi3_dir}", f"model.train_len={TRAIN_LEN}",
                           f"target_len={TARGET_LEN}", f"out_dir={tmp_path}", "tracking.enabled=false"])
-    model, facts = search.load_model(cfg, torch.device("cpu"))
+    model, facts = load_base_model(cfg, torch.float32, torch.device("cpu"), "sdpa")  # as the search loads it
     assert model.config.sliding_window is None and facts.train_len == TRAIN_LEN
     assert _start_is_visible(model)  # under the search's own (original) RoPE
-    model, _ = train.load_base(cfg, "sdpa", torch.float32)
+    model, _ = load_base_model(cfg, torch.float32, attn_implementation="sdpa")  # as train loads it
     assert model.config.sliding_window is None and _start_is_visible(model.eval())
     # the fine-tuned model is exported from this config: the window stays lifted in its config.json
     model.save_pretrained(tmp_path / "exported")
     assert json.loads((tmp_path / "exported" / "config.json").read_text())["sliding_window"] is None
-    model, _ = evaluate.load_model(str(phi3_dir), "float32", TARGET_LEN)
+    model, _ = evaluate.load_model(cfg, str(phi3_dir))
     assert model.config.sliding_window is None and _start_is_visible(model)

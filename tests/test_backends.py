@@ -14,9 +14,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from longrope2 import backends, evaluate
-from longrope2.config import ConfigError, compose_config
-from longrope2.scaling import RopeScaling, rope_facts_from_hf_config
+from longrope2 import evaluate
+from longrope2.core import checks
+from longrope2.core.config import compose_config
+from longrope2.core.errors import ConfigError
+from longrope2.evaluation import backends, suites
+from longrope2.rope.scaling import RopeScaling, rope_facts_from_hf_config
 
 PRESETS = ("llama3_8b_128k", "phi3_mini_128k", "phi4_mini_128k")
 
@@ -91,7 +94,7 @@ def test_config_rejects_a_bad_backend_and_vllm_jobs_it_cannot_run():
         compose_config(["experiment=llama3_8b_128k", "eval.training_free_suites=[ruler,niah]"])
     compose_config(["experiment=llama3_8b_128k", "eval.training_free_suites=[niah,ppl]"])
     compose_config(["experiment=llama3_8b_128k", "eval.training_free_suites=[ruler]"])
-    assert backends.job_error("hf", ["ruler", "niah"]) is None
+    assert checks.job_error("hf", ["ruler", "niah"]) is None
 
 
 def _tuned(toy_model_dir, tmp_path, attention_factor=None, name="tuned"):
@@ -134,6 +137,13 @@ def _logits(model, ids):
         return model(ids).logits
 
 
+def _cfg256():
+    """What evaluate's model loader reads of the config: the toy at L = 256 (L_train 64), float32."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create({"target_len": 256, "model": {"path": None, "train_len": 64, "dtype": "float32"}})
+
+
 def test_base_and_training_free_checkpoints_carry_the_rope_the_hf_backend_applies(toy_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -145,8 +155,8 @@ def test_base_and_training_free_checkpoints_carry_the_rope_the_hf_backend_applie
     assert (folder / "model.safetensors").resolve() == (tuned / "model.safetensors").resolve()
     assert not (folder / "config.json").is_symlink()
     ids = torch.randint(3, 300, (1, 200), generator=torch.Generator().manual_seed(0))
-    ours = evaluate.load_model(str(folder), "float32", 256)[0]
-    theirs = evaluate.load_model(str(tuned), "float32", 256, original_rope=True)[0]
+    ours = evaluate.load_model(_cfg256(), str(folder))[0]
+    theirs = evaluate.load_model(_cfg256(), str(tuned), original_rope=True)[0]
     torch.testing.assert_close(_logits(ours, ids), _logits(theirs, ids), rtol=0, atol=0)
 
     def yarn(config):
@@ -164,7 +174,7 @@ def test_base_and_training_free_checkpoints_carry_the_rope_the_hf_backend_applie
     assert raised.rope_type == "default" and len(raised.changes) == 1
     assert raised.changes[0].startswith("max_position_embeddings ") and raised.changes[0].endswith(" -> 512")
     ours = AutoModelForCausalLM.from_pretrained(tmp_path / "free" / "model").eval()
-    in_process = evaluate.load_model(str(toy_model_dir), "float32", 256, original_rope=True)[0]
+    in_process = evaluate.load_model(_cfg256(), str(toy_model_dir), original_rope=True)[0]
     in_process = yarn(in_process.config).apply_to_model(in_process)
     torch.testing.assert_close(_logits(ours, ids), _logits(in_process, ids), rtol=0, atol=0)
 
@@ -198,7 +208,7 @@ def test_longbench_runs_on_the_same_backend(toy_model_dir, tmp_path, monkeypatch
     monkeypatch.setattr(backends, "vllm_harness", harness)
     tokenizer = AutoTokenizer.from_pretrained(toy_model_dir)
     model = backends.VllmModel(str(toy_model_dir), "default")
-    result = evaluate.eval_longbench(cfg, model, tokenizer, tmp_path, tmp_path)
+    result = suites.eval_longbench(cfg, model, tokenizer, tmp_path, tmp_path)
     assert result["tasks"]["triviaqa"]["score"] == 100.0
     assert [(p, s, a["max_model_len"]) for p, s, a in built] == [(str(toy_model_dir), "longbench", 128)]
     (request,) = fake.requests
@@ -207,7 +217,7 @@ def test_longbench_runs_on_the_same_backend(toy_model_dir, tmp_path, monkeypatch
     assert kwargs == {"until": [], "max_gen_toks": 32, "do_sample": False, "temperature": 0.0}
     # no data folder: skipped, and no engine started
     skipped = compose_config(["experiment=llama3_8b_128k"])
-    assert evaluate.eval_longbench(skipped, model, tokenizer, tmp_path, tmp_path)["skipped"]
+    assert suites.eval_longbench(skipped, model, tokenizer, tmp_path, tmp_path)["skipped"]
     assert len(built) == 1
 
 
@@ -217,5 +227,5 @@ def test_lm_eval_suites_get_the_vllm_model_on_that_backend(monkeypatch):
     monkeypatch.setattr(backends, "vllm_harness", lambda model, cfg_, suite, add_bos_token: seen.append(suite) or 1)
     tokenizer = OmegaConf.create({"bos_token_id": 1})
     for suite in ("ruler", "short"):
-        assert evaluate.suite_harness(cfg, backends.VllmModel("/m", "default"), tokenizer, suite, 10) == 1
+        assert suites.suite_harness(cfg, backends.VllmModel("/m", "default"), tokenizer, suite, 10) == 1
     assert seen == ["ruler", "short"]

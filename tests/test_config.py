@@ -3,14 +3,14 @@ the value and what is accepted."""
 
 import pytest
 
-from longrope2.config import (
-    ConfigError,
+from longrope2.core.config import (
     available,
     compose_config,
     flatten,
     overrides_from_snakemake,
     to_dict,
 )
+from longrope2.core.errors import ConfigError
 
 EXPERIMENTS = ["toy", "toy_ablations", "toy_seeds", "smoke", "llama3_8b_128k", "phi3_mini_128k", "phi4_mini_128k",
                "smollm2_16k"]

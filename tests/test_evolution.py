@@ -9,22 +9,25 @@ import numpy as np
 import pytest
 from conftest import load_reference
 
-from longrope2 import evolution, rope
-from longrope2.evolution import (
-    Individual,
-    SearchSpace,
+from longrope2.evolution import operators as evolution
+from longrope2.evolution.operators import (
     best,
     crossover,
-    from_dict,
     initial_population,
-    is_valid,
-    make_individual,
     mutate,
     mutation_window,
     next_generation,
+)
+from longrope2.evolution.space import (
+    Individual,
+    SearchSpace,
+    from_dict,
+    is_valid,
+    make_individual,
     to_dict,
     violations,
 )
+from longrope2.rope import factors as rope
 
 SPACES = {
     "toy": SearchSpace(16, 8.0, 6, (2, 6)),

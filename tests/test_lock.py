@@ -11,10 +11,9 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 from packaging.requirements import Requirement
 from packaging.version import Version
-
-from conftest import REPO
 
 sys.path.insert(0, str(REPO / "docs"))
 import sync_environment  # noqa: E402  (docs/ is not a package)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -10,18 +11,14 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from longrope2.corpus import generate_documents
-from longrope2.long_eval import (
-    NiahCell,
-    niah_grid,
-    niah_samples,
-    niah_table,
-    perplexity_by_length,
-    plot_niah_heatmap,
-    sliding_window_nll,
-)
-from longrope2.needle import NeedleTemplate, needle_scores
-from longrope2.toy import encode_stream, toy_llama_config, train_tokenizer
+from longrope2.data.corpus import generate_documents
+from longrope2.data.needles import NeedleTemplate
+from longrope2.evaluation.niah import NiahCell, niah_grid, niah_samples, niah_table
+from longrope2.evaluation.perplexity import perplexity_by_length, sliding_window_nll
+from longrope2.reporting.figures import plot_niah_heatmap
+from longrope2.toy.data import encode_stream
+from longrope2.toy.settings import toy_llama_config
+from longrope2.toy.tokenizer import train_tokenizer
 
 TOY = NeedleTemplate(num_digits=5, distinct_digits=True).shortened()
 DOCS = generate_documents(3, 1500, seed=11)
@@ -207,14 +204,52 @@ def toy_lm(tok):
     return LlamaForCausalLM(cfg).float().eval()
 
 
-def test_niah_grid_equals_needle_scores(toy_lm, grid_samples):
-    cells = niah_grid(toy_lm, grid_samples, batch_size=2, progress=False)
-    assert [(c.length, c.depth) for c in cells] == sorted(grid_samples)
+def _with_greedy_answer(model, sample, miss_last=False):
+    """The sample with its answer tokens replaced by the model's own greedy choices given the true prefix
+    (full-sequence forwards, one per answer token): an exact match by construction, so the grid's exact
+    match is not 0 everywhere, as it is for a random model on real answers. miss_last: the last answer token
+    is the model's second choice instead, so every answer token but one is right and the sample is no match."""
+    ids = sample.input_ids.clone()
+    answer = sample.answer_positions.tolist()
+    with torch.no_grad():
+        for t in answer:
+            ranked = model(input_ids=ids[None]).logits[0, t - 1].topk(2).indices
+            ids[t] = ranked[1] if miss_last and t == answer[-1] else ranked[0]
+    return dataclasses.replace(sample, input_ids=ids)
+
+
+def _transformers_answer_scores(model, sample):
+    """(mean answer NLL, exact match) of one sample by transformers alone: its causal-LM loss with every
+    non-answer label set to -100, and the argmax of the full logits at t - 1 against token t."""
+    labels = sample.input_ids.masked_fill(~sample.answer_mask, -100)[None]
+    with torch.no_grad():
+        out = model(input_ids=sample.input_ids[None], labels=labels)
+    pos = sample.answer_positions
+    logits = out.logits[0, pos - 1]  # (answer tokens, V)
+    top2 = logits.topk(2, dim=-1).values
+    # an argmax that a float32 summation order could flip would make the exact match ill-defined
+    assert float((top2[:, 0] - top2[:, 1]).min()) > 1e-4, "near-tie at an answer position"
+    return float(out.loss), bool((logits.argmax(-1) == sample.input_ids[pos]).all())
+
+
+def test_niah_grid_equals_transformers_loss(toy_lm, grid_samples):
+    # runs 0 .. k-1 of the k-th cell (k = 0, 1, 2, 3, 0, ...) answer greedily: exact matches 0, 1/3, 2/3, 1;
+    # run k (where there is one) misses only its last answer token
+    samples = {key: [_with_greedy_answer(toy_lm, s, miss_last=r == k % (RUNS + 1)) if r <= k % (RUNS + 1) else s
+                     for r, s in enumerate(cell)]
+               for k, (key, cell) in enumerate(sorted(grid_samples.items()))}
+    cells = niah_grid(toy_lm, samples, batch_size=2, progress=False)
+    assert [(c.length, c.depth) for c in cells] == sorted(samples)
+    assert sorted({c.exact_match for c in cells}) == [0.0, 1 / 3, 2 / 3, 1.0]
     for c in cells:
-        direct = needle_scores(toy_lm, grid_samples[(c.length, c.depth)], batch_size=1)
+        ref = [_transformers_answer_scores(toy_lm, s) for s in samples[(c.length, c.depth)]]
         assert c.runs == RUNS
-        assert c.exact_match == direct["exact_match"]
-        assert c.needle_ppl == pytest.approx(direct["needle_ppl"], rel=1e-5)
+        assert c.correct == tuple(int(em) for _, em in ref)
+        assert c.exact_match == sum(em for _, em in ref) / RUNS
+        # float32 forwards on both sides (batches of 2 and answer-position logits vs one sample's full
+        # logits): the mean answer NLL (~6 nats) agrees to ~1e-6, the relative error of its exp; a wrong
+        # position (t instead of t - 1) or a sample's NLL left out moves it by far more than 1e-5
+        assert c.needle_ppl == pytest.approx(math.exp(sum(nll for nll, _ in ref) / RUNS), rel=1e-5)
     table = niah_table(cells)
     assert table["lengths"] == list(LENGTHS) and table["depths"] == list(DEPTHS)
     for i, d in enumerate(DEPTHS):

@@ -6,8 +6,8 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from longrope2 import longbench as lb
-from longrope2.longbench import BenchmarkDataError
+from longrope2.evaluation import longbench
+from longrope2.evaluation.longbench import BenchmarkDataError
 
 TREC_CLASSES = ["Abbreviation", "Animal", "City", "Country", "Date", "Individual", "Other location", "Other number"]
 
@@ -87,8 +87,8 @@ def _write_jsonl(path, records):
 def folder(tmp_path):
     """LongBench files under data/ (as its zip unpacks), InfiniteBench files at the top."""
     for task, records in SAMPLES.items():
-        sub = "data" if lb.TASKS[task].benchmark == "LongBench" else ""
-        _write_jsonl(tmp_path / sub / lb.TASKS[task].file, records)
+        sub = "data" if longbench.TASKS[task].benchmark == "LongBench" else ""
+        _write_jsonl(tmp_path / sub / longbench.TASKS[task].file, records)
     return tmp_path
 
 
@@ -119,7 +119,7 @@ def _fake_generate(outputs):
 
     def generate(prompt, max_new_tokens):
         calls.append((prompt, max_new_tokens))
-        task = next(t for t, spec in lb.TASKS.items() if spec.max_new_tokens == max_new_tokens and queue.get(t))
+        task = next(t for t, spec in longbench.TASKS.items() if spec.max_new_tokens == max_new_tokens and queue.get(t))
         return queue[task].pop(0)
 
     return generate, calls
@@ -129,7 +129,7 @@ def _fake_generate(outputs):
 
 
 def test_task_specs():
-    assert {n: (s.benchmark, s.file, s.max_new_tokens, s.metric) for n, s in lb.TASKS.items()} == {
+    assert {n: (s.benchmark, s.file, s.max_new_tokens, s.metric) for n, s in longbench.TASKS.items()} == {
         "triviaqa": ("LongBench", "triviaqa.jsonl", 32, "qa_f1"),
         "trec": ("LongBench", "trec.jsonl", 64, "classification"),
         "lcc": ("LongBench", "lcc.jsonl", 64, "code_sim"),
@@ -141,20 +141,20 @@ def test_task_specs():
 
 def test_prompts_are_the_official_templates_filled_in():
     trec = SAMPLES["trec"][0]
-    assert lb.build_prompt("trec", trec) == (
+    assert longbench.build_prompt("trec", trec) == (
         "Please determine the type of the question below. Here are some examples of questions.\n\n"
         "Question: When was Lincoln born ?\nType: Date\nQuestion: Who shot Lincoln ?\nType: Individual\n"
         "What is the largest city in Canada ?"
     )
-    assert lb.build_prompt("lcc", SAMPLES["lcc"][1]) == (
+    assert longbench.build_prompt("lcc", SAMPLES["lcc"][1]) == (
         "Please complete the code given below. \ndef main(a, b):\nNext line of code:\n"
     )
-    assert lb.build_prompt("longbook_choice_eng", SAMPLES["longbook_choice_eng"][1]) == (
+    assert longbench.build_prompt("longbook_choice_eng", SAMPLES["longbook_choice_eng"][1]) == (
         "Read the book and answer the question.\n\nChapter 2. The farm was called Snowfield.\n\n"
         "Question: Which farm is it?\nA. Hall Farm\nB. Oak Farm\nC. Snowfield\nD. Mill Farm\n\n"
         "The letter of the correct answer is"
     )
-    assert lb.build_prompt("kv_retrieval", SAMPLES["kv_retrieval"][0]) == (
+    assert longbench.build_prompt("kv_retrieval", SAMPLES["kv_retrieval"][0]) == (
         "Extract the value corresponding to the specified key in the JSON object below.\n\n"
         'JSON data:\n{"0e2f-71aa": "5e6b-7b90", "84fe-443f": "c14c-b8ba"}\n\n'
         'Key: "84fe-443f"\nThe value associated with the specified key is: '
@@ -165,49 +165,49 @@ def test_prompts_are_the_official_templates_filled_in():
 
 
 def test_postprocess_keeps_first_line_for_fewshot_tasks_only():
-    assert lb.postprocess("triviaqa", "\n\nParis\nQuestion: x") == "Paris"
-    assert lb.postprocess("trec", "Date\nCity") == "Date"
-    assert lb.postprocess("lcc", "\nx = 1\ny = 2") == "\nx = 1\ny = 2"
-    assert lb.postprocess("kv_retrieval", "a\nb") == "a\nb"
+    assert longbench.postprocess("triviaqa", "\n\nParis\nQuestion: x") == "Paris"
+    assert longbench.postprocess("trec", "Date\nCity") == "Date"
+    assert longbench.postprocess("lcc", "\nx = 1\ny = 2") == "\nx = 1\ny = 2"
+    assert longbench.postprocess("kv_retrieval", "a\nb") == "a\nb"
 
 
 def test_qa_f1_partial_overlap_and_max_over_answers():
     sample = {"answers": ["the Eiffel Tower", "Tour Eiffel"]}
     # "eiffel tower in paris" vs "eiffel tower": p = 2/4, r = 2/2 -> F1 = 2/3
-    assert lb.score_sample("triviaqa", "The Eiffel Tower in Paris", sample) == pytest.approx(2 / 3)
-    assert lb.score_sample("triviaqa", "Tour Eiffel!\nmore", sample) == 1.0
-    assert lb.score_sample("triviaqa", "London", sample) == 0.0
+    assert longbench.score_sample("triviaqa", "The Eiffel Tower in Paris", sample) == pytest.approx(2 / 3)
+    assert longbench.score_sample("triviaqa", "Tour Eiffel!\nmore", sample) == 1.0
+    assert longbench.score_sample("triviaqa", "London", sample) == 0.0
 
 
 def test_classification_with_all_classes():
     sample = {"answers": ["City"], "all_classes": TREC_CLASSES}
-    assert lb.score_sample("trec", "City", sample) == 1.0
-    assert lb.score_sample("trec", "City or Country", sample) == 0.5
-    assert lb.score_sample("trec", "Country", sample) == 0.0
+    assert longbench.score_sample("trec", "City", sample) == 1.0
+    assert longbench.score_sample("trec", "City or Country", sample) == 0.5
+    assert longbench.score_sample("trec", "Country", sample) == 0.0
     # A class contained in the gold label is dropped ("Other" in "Other location").
     other = {"answers": ["Other location"], "all_classes": ["Other", "Other location", "Date"]}
-    assert lb.score_sample("trec", "Other location", other) == 1.0
+    assert longbench.score_sample("trec", "Other location", other) == 1.0
     # Official quirk: after "Oth" is removed the loop skips "Other", which stays -> 1/2.
     quirk = {"answers": ["Other number"], "all_classes": ["Oth", "Other", "Other number"]}
-    assert lb.score_sample("trec", "Other number", quirk) == 0.5
+    assert longbench.score_sample("trec", "Other number", quirk) == 0.5
 
 
 def test_code_sim_first_code_line_and_fuzzywuzzy_rounding():
     sample = {"answers": ["x = compute(a, b)"]}
-    assert lb.score_sample("lcc", "# comment\n// note\ny = compute(a, b)", sample) == 0.94
-    assert lb.score_sample("lcc", "```\nx = compute(a, b)\n```", sample) == 1.0
-    assert lb.score_sample("lcc", "# only a comment", sample) == 0.0  # no code line -> "" -> 0
+    assert longbench.score_sample("lcc", "# comment\n// note\ny = compute(a, b)", sample) == 0.94
+    assert longbench.score_sample("lcc", "```\nx = compute(a, b)\n```", sample) == 1.0
+    assert longbench.score_sample("lcc", "# only a comment", sample) == 0.0  # no code line -> "" -> 0
     # Official: lstrip newlines only, so a whitespace line is kept: 2*2/11 = 0.36 (lm-eval would skip it).
-    assert lb.score_sample("lcc", "\n\n    \nfoo = 1", {"answers": ["foo = 1"]}) == 0.36
+    assert longbench.score_sample("lcc", "\n\n    \nfoo = 1", {"answers": ["foo = 1"]}) == 0.36
     # fuzzywuzzy's int(round(12.5)) is 12 (round half to even).
-    assert lb.score_sample("repobench-p", "abcdefgh", {"answers": ["hijklmno"]}) == 0.12
+    assert longbench.score_sample("repobench-p", "abcdefgh", {"answers": ["hijklmno"]}) == 0.12
 
 
 def test_kv_retrieval_hit_and_miss():
     sample = {"answer": ["c14c-b8ba"]}
-    assert lb.score_sample("kv_retrieval", 'The value is: "c14c-b8ba".', sample) == 1.0
-    assert lb.score_sample("kv_retrieval", "c14c-b8ba-ffff", sample) == 0.0  # whole words only
-    assert lb.score_sample("kv_retrieval", "c14c-b8ba", {"answer": "c14c-b8ba"}) == 1.0  # old string format
+    assert longbench.score_sample("kv_retrieval", 'The value is: "c14c-b8ba".', sample) == 1.0
+    assert longbench.score_sample("kv_retrieval", "c14c-b8ba-ffff", sample) == 0.0  # whole words only
+    assert longbench.score_sample("kv_retrieval", "c14c-b8ba", {"answer": "c14c-b8ba"}) == 1.0  # old string format
 
 
 @pytest.mark.parametrize(("prediction", "expected"), [
@@ -216,7 +216,7 @@ def test_kv_retrieval_hit_and_miss():
     ("I would say B here", 1.0), ("I think it is option C.", 0.0), ("", 0.0), ("no idea", 0.0),
 ])
 def test_choice_eng_letter_or_option_text(prediction, expected):
-    assert lb.score_sample("longbook_choice_eng", prediction, SAMPLES["longbook_choice_eng"][0]) == expected
+    assert longbench.score_sample("longbook_choice_eng", prediction, SAMPLES["longbook_choice_eng"][0]) == expected
 
 
 # ----------------------------------------------------------------------------- truncation
@@ -224,68 +224,68 @@ def test_choice_eng_letter_or_option_text(prediction, expected):
 
 def test_truncate_middle_keeps_first_and_last_halves():
     ids = list(range(10))
-    assert lb.truncate_middle(ids, 6) == [0, 1, 2, 7, 8, 9]
-    assert lb.truncate_middle(ids, 7) == [0, 1, 2, 7, 8, 9]  # floor(7/2) each side, as pred.py
-    assert lb.truncate_middle(ids, 10) == ids
-    assert lb.truncate_middle(ids, 50) == ids
+    assert longbench.truncate_middle(ids, 6) == [0, 1, 2, 7, 8, 9]
+    assert longbench.truncate_middle(ids, 7) == [0, 1, 2, 7, 8, 9]  # floor(7/2) each side, as pred.py
+    assert longbench.truncate_middle(ids, 10) == ids
+    assert longbench.truncate_middle(ids, 50) == ids
     with pytest.raises(ValueError, match="at least 2"):
-        lb.truncate_middle(ids, 1)
+        longbench.truncate_middle(ids, 1)
 
 
 def test_truncate_prompt_counts_bos_and_decodes_without_it(byte_tok):
     prompt = "abcdefghij"  # <s> + 10 byte tokens
-    assert lb.truncate_prompt(byte_tok, prompt, 6) == "abhij"  # [<s> a b] + [h i j]
-    assert lb.truncate_prompt(byte_tok, prompt, 7) == "abhij"
-    assert lb.truncate_prompt(byte_tok, prompt, 11) is prompt
-    assert lb.truncate_prompt(byte_tok, prompt, 6, benchmark="InfiniteBench") == "abhij"
-    assert lb.truncate_prompt(byte_tok, prompt, 11, benchmark="InfiniteBench") == prompt
+    assert longbench.truncate_prompt(byte_tok, prompt, 6) == "abhij"  # [<s> a b] + [h i j]
+    assert longbench.truncate_prompt(byte_tok, prompt, 7) == "abhij"
+    assert longbench.truncate_prompt(byte_tok, prompt, 11) is prompt
+    assert longbench.truncate_prompt(byte_tok, prompt, 6, benchmark="InfiniteBench") == "abhij"
+    assert longbench.truncate_prompt(byte_tok, prompt, 11, benchmark="InfiniteBench") == prompt
 
 
 def test_truncate_prompt_decode_differs_between_benchmarks(word_tok):
     prompt = "w1 w2 w3 w4 w5 w6 w7 w8"
     # LongBench decodes each half and concatenates; InfiniteBench decodes the kept ids at once.
-    assert lb.truncate_prompt(word_tok, prompt, 4) == "w1 w2w7 w8"
-    assert lb.truncate_prompt(word_tok, prompt, 4, benchmark="InfiniteBench") == "w1 w2 w7 w8"
-    assert lb.truncate_prompt(word_tok, "w1  w2", 4) == "w1  w2"  # short: untouched
-    assert lb.truncate_prompt(word_tok, "w1  w2", 4, benchmark="InfiniteBench") == "w1 w2"  # round trip
+    assert longbench.truncate_prompt(word_tok, prompt, 4) == "w1 w2w7 w8"
+    assert longbench.truncate_prompt(word_tok, prompt, 4, benchmark="InfiniteBench") == "w1 w2 w7 w8"
+    assert longbench.truncate_prompt(word_tok, "w1  w2", 4) == "w1  w2"  # short: untouched
+    assert longbench.truncate_prompt(word_tok, "w1  w2", 4, benchmark="InfiniteBench") == "w1 w2"  # round trip
 
 
 # ----------------------------------------------------------------------------- loading
 
 
 def test_load_task_order_limit_and_data_subfolder(folder):
-    assert [s["_id"] for s in lb.load_task(folder, "trec")] == ["tr0", "tr1"]
-    assert [s["id"] for s in lb.load_task(str(folder), "longbook_choice_eng", limit=2)] == [0, 1]
+    assert [s["_id"] for s in longbench.load_task(folder, "trec")] == ["tr0", "tr1"]
+    assert [s["id"] for s in longbench.load_task(str(folder), "longbook_choice_eng", limit=2)] == [0, 1]
     with pytest.raises(ValueError, match="limit must be a positive integer"):
-        lb.load_task(folder, "trec", limit=0)
+        longbench.load_task(folder, "trec", limit=0)
 
 
 def test_limit_stops_reading(folder):
     path = folder / "kv_retrieval.jsonl"
     path.write_text(path.read_text() + "{not json\n")
-    assert len(lb.load_task(folder, "kv_retrieval", limit=2)) == 2
+    assert len(longbench.load_task(folder, "kv_retrieval", limit=2)) == 2
 
 
 def test_unknown_task(folder):
     with pytest.raises(ValueError, match=r"unknown task 'narrativeqa'; accepted tasks: triviaqa, trec, lcc, "
                                          r"repobench-p, kv_retrieval, longbook_choice_eng"):
-        lb.load_task(folder, "narrativeqa")
+        longbench.load_task(folder, "narrativeqa")
 
 
 def test_missing_file(tmp_path):
     with pytest.raises(BenchmarkDataError) as err:
-        lb.load_task(tmp_path, "kv_retrieval")
+        longbench.load_task(tmp_path, "kv_retrieval")
     assert str(err.value) == (f"kv_retrieval: data file not found: looked for {tmp_path / 'kv_retrieval.jsonl'}"
                               f" and {tmp_path / 'data' / 'kv_retrieval.jsonl'}")
     with pytest.raises(BenchmarkDataError, match="data folder not found"):
-        lb.check_folder(tmp_path / "nope", ["trec"])
+        longbench.check_folder(tmp_path / "nope", ["trec"])
 
 
 def test_bad_json_line(tmp_path):
     path = tmp_path / "trec.jsonl"
     path.write_text(json.dumps(SAMPLES["trec"][0]) + "\n\n{\"input\": \n")
     with pytest.raises(BenchmarkDataError) as err:
-        lb.load_task(tmp_path, "trec")
+        longbench.load_task(tmp_path, "trec")
     assert str(err.value).startswith(f"{path}: line 3: invalid JSON (")
 
 
@@ -294,20 +294,20 @@ def test_missing_and_malformed_keys(tmp_path):
     broken = {k: v for k, v in SAMPLES["triviaqa"][0].items() if k != "answers"}
     _write_jsonl(path, [broken])
     with pytest.raises(BenchmarkDataError) as err:
-        lb.load_task(tmp_path, "triviaqa")
+        longbench.load_task(tmp_path, "triviaqa")
     assert str(err.value) == f"{path}: line 1: missing key(s) 'answers'"
 
     path = tmp_path / "trec.jsonl"
     _write_jsonl(path, [SAMPLES["trec"][0], {**SAMPLES["trec"][1], "all_classes": None}])
     with pytest.raises(BenchmarkDataError) as err:
-        lb.check_folder(tmp_path, ["trec"])  # pre-flight reads the first record only
-        lb.load_task(tmp_path, "trec")
+        longbench.check_folder(tmp_path, ["trec"])  # pre-flight reads the first record only
+        longbench.load_task(tmp_path, "trec")
     assert str(err.value) == f"{path}: line 2: key 'all_classes' must be a non-empty list of strings"
 
     path = tmp_path / "longbook_choice_eng.jsonl"
     _write_jsonl(path, [{**SAMPLES["longbook_choice_eng"][0], "answer": ["Running"]}])
     with pytest.raises(BenchmarkDataError) as err:
-        lb.check_folder(tmp_path, ["longbook_choice_eng"])
+        longbench.check_folder(tmp_path, ["longbook_choice_eng"])
     assert str(err.value) == f"{path}: line 1: answer ['Running'] is not one of the options"
 
 
@@ -316,9 +316,9 @@ def test_missing_and_malformed_keys(tmp_path):
 
 def test_evaluate_task_truncates_to_max_length_minus_new_tokens(byte_tok):
     sample = SAMPLES["kv_retrieval"][0]
-    full = lb.build_prompt("kv_retrieval", sample)
+    full = longbench.build_prompt("kv_retrieval", sample)
     generate, calls = _fake_generate({"kv_retrieval": ["c14c-b8ba"]})
-    result = lb.evaluate_task("kv_retrieval", [sample], byte_tok, generate, max_length=90)
+    result = longbench.evaluate_task("kv_retrieval", [sample], byte_tok, generate, max_length=90)
     (prompt, max_new), = calls
     assert max_new == 50
     assert prompt == full[:19] + full[-20:]  # budget 40 = <s> + 19 bytes | 20 bytes
@@ -326,12 +326,12 @@ def test_evaluate_task_truncates_to_max_length_minus_new_tokens(byte_tok):
                       "score": 100.0, "samples": 1,
                       "predictions": [{"id": 0, "prediction": "c14c-b8ba", "score": 1.0}]}
     with pytest.raises(ValueError, match="leaves no room"):
-        lb.evaluate_task("kv_retrieval", [sample], byte_tok, generate, max_length=51)
+        longbench.evaluate_task("kv_retrieval", [sample], byte_tok, generate, max_length=51)
 
 
 def test_evaluate_suite_exact_scores(folder, byte_tok):
     generate, calls = _fake_generate(GENERATIONS)
-    result = lb.evaluate_suite(folder, list(lb.TASKS), byte_tok, generate, max_length=4096)
+    result = longbench.evaluate_suite(folder, list(longbench.TASKS), byte_tok, generate, max_length=4096)
     assert result["skipped"] is None
     assert {t: r["score"] for t, r in result["tasks"].items()} == EXPECTED_SCORES
     assert result["average"] == 68.11  # (75 + 25 + 97 + 95 + 50 + 66.67) / 6
@@ -339,19 +339,19 @@ def test_evaluate_suite_exact_scores(folder, byte_tok):
     assert result["tasks"]["trec"]["predictions"][0] == {"id": "tr0", "prediction": "City or Country\nQuestion:",
                                                           "score": 0.5}
     # Nothing truncated at 4096: LongBench prompts reach generate untouched.
-    assert calls[0] == (lb.build_prompt("triviaqa", SAMPLES["triviaqa"][0]), 32)
+    assert calls[0] == (longbench.build_prompt("triviaqa", SAMPLES["triviaqa"][0]), 32)
 
 
 def test_evaluate_suite_limit(folder, byte_tok):
     generate, _ = _fake_generate({"longbook_choice_eng": ["A"], "triviaqa": ["Darwin"]})
-    result = lb.evaluate_suite(folder, ["longbook_choice_eng", "triviaqa"], byte_tok, generate, 4096, limit=1)
+    result = longbench.evaluate_suite(folder, ["longbook_choice_eng", "triviaqa"], byte_tok, generate, 4096, limit=1)
     assert {t: (r["samples"], r["score"]) for t, r in result["tasks"].items()} == {
         "longbook_choice_eng": (1, 0.0), "triviaqa": (1, 100.0)}
     assert result["average"] == 50.0
 
 
 def test_evaluate_suite_without_folder_is_skipped(byte_tok):
-    assert lb.evaluate_suite(None, ["trec"], byte_tok, None, 4096) == {
+    assert longbench.evaluate_suite(None, ["trec"], byte_tok, None, 4096) == {
         "skipped": "no data folder configured (eval.longbench.path); LongBench/InfiniteBench not run",
         "tasks": {},
     }
@@ -361,8 +361,8 @@ def test_evaluate_suite_missing_file_fails_before_generating(folder, byte_tok):
     (folder / "kv_retrieval.jsonl").unlink()
     generate, calls = _fake_generate(GENERATIONS)
     with pytest.raises(BenchmarkDataError, match="kv_retrieval: data file not found"):
-        lb.evaluate_suite(folder, ["triviaqa", "kv_retrieval"], byte_tok, generate, 4096)
+        longbench.evaluate_suite(folder, ["triviaqa", "kv_retrieval"], byte_tok, generate, 4096)
     assert calls == []
     with pytest.raises(BenchmarkDataError, match="kv_retrieval: data file not found"):
-        lb.check_folder(folder, ["triviaqa", "kv_retrieval"])
-    lb.check_folder(folder, ["triviaqa", "trec"])  # present files pass
+        longbench.check_folder(folder, ["triviaqa", "kv_retrieval"])
+    longbench.check_folder(folder, ["triviaqa", "trec"])  # present files pass

@@ -9,9 +9,10 @@ import math
 import pytest
 import torch
 
-from longrope2 import methods, rope
-from longrope2.config import REPO_ROOT
-from longrope2.scaling import RopeFacts, RopeScaling
+from longrope2.core.config import REPO_ROOT
+from longrope2.rope import factors as rope
+from longrope2.rope import methods
+from longrope2.rope.scaling import RopeFacts, RopeScaling
 
 FACTS = RopeFacts(rope_theta=10_000.0, head_dim=32, train_len=128)  # the toy: D = 16, d_tcd = 6
 L = 1024

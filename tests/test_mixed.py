@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from numerics import FLOAT32_REL, IDENTITY_REL, assert_close_to_scale
 from transformers import AutoModelForCausalLM
 
-from longrope2 import mixed, rope
-from longrope2.scaling import RopeScaling, rope_facts_from_hf_config
-from numerics import FLOAT32_REL, IDENTITY_REL, assert_close_to_scale
+from longrope2.data import rows as rows_
+from longrope2.lm import losses
+from longrope2.rope import factors as rope
+from longrope2.rope.scaling import RopeScaling, rope_facts_from_hf_config
+from longrope2.training import mixed
 
 TRAIN_LEN = 64  # the toy_model_dir fixture's window
 
@@ -35,8 +38,8 @@ def _docs(vocab, lengths, seed=0):
 def _sum_nll(model, ids, position_ids=None, doc_ids=None):
     mask = None if doc_ids is None else mixed.document_causal_mask(doc_ids, ids_dtype(model))
     hidden = model.model(input_ids=ids, position_ids=position_ids, attention_mask=mask).last_hidden_state
-    labels = mixed.causal_lm_labels(ids, doc_ids)
-    return mixed.chunked_causal_lm_loss(hidden, model.get_output_embeddings(), labels, chunk=23)
+    labels = losses.causal_lm_labels(ids, doc_ids)
+    return losses.chunked_causal_lm_loss(hidden, model.get_output_embeddings(), labels, chunk=23)
 
 
 def ids_dtype(model) -> torch.dtype:
@@ -53,10 +56,10 @@ def test_packed_short_row_equals_its_documents_run_separately(toy_model_dir, tor
     lengths = [64, 30, 1, 55]
     docs = _docs(model.config.vocab_size, lengths)
     row = torch.cat(docs)[None]
-    pos = mixed.document_position_ids(lengths)[None]
+    pos = rows_.document_position_ids(lengths)[None]
     assert not mixed.uses_long_rope(pos, TRAIN_LEN)
     with torch.no_grad():
-        packed, n_packed = _sum_nll(model, row, pos, doc_ids=mixed.document_ids(pos))
+        packed, n_packed = _sum_nll(model, row, pos, doc_ids=rows_.document_ids(pos))
         alone = [_sum_nll(model, d[None]) for d in docs]
     assert n_packed == sum(n for _, n in alone) == sum(lengths) - len(lengths)
     assert float(packed) / n_packed == pytest.approx(float(sum(s for s, _ in alone)) / n_packed, rel=IDENTITY_REL)
@@ -99,7 +102,7 @@ def test_per_document_mask_in_a_long_row(base, torch_threads):
 
 def test_chunked_loss_equals_full_logits_loss_with_gradients(base, torch_threads):
     ids = _docs(base.config.vocab_size, [97])[0][None]
-    labels = mixed.causal_lm_labels(ids)
+    labels = losses.causal_lm_labels(ids)
     with torch.no_grad():  # transformers' own shift + mean (it casts the logits to float32)
         theirs = float(base(input_ids=ids, labels=ids).loss)
     base.zero_grad()
@@ -109,7 +112,7 @@ def test_chunked_loss_equals_full_logits_loss_with_gradients(base, torch_threads
     expected = {n: p.grad.clone() for n, p in base.named_parameters()}
     base.zero_grad()
     hidden = base.model(input_ids=ids).last_hidden_state
-    total, count = mixed.chunked_causal_lm_loss(hidden, base.get_output_embeddings(), labels, chunk=10)
+    total, count = losses.chunked_causal_lm_loss(hidden, base.get_output_embeddings(), labels, chunk=10)
     (total / count).backward()
     assert total.dtype == torch.float64 and count == 96
     assert float((total / count).detach()) == pytest.approx(float(full.detach()), rel=IDENTITY_REL)
@@ -120,46 +123,46 @@ def test_chunked_loss_equals_full_logits_loss_with_gradients(base, torch_threads
 
 
 def test_labels_never_cross_documents():
-    pos = mixed.document_position_ids([3, 2])[None]
+    pos = rows_.document_position_ids([3, 2])[None]
     ids = torch.tensor([[10, 11, 12, 20, 21]])
-    assert mixed.causal_lm_labels(ids, mixed.document_ids(pos)).tolist() == [[11, 12, -100, 21, -100]]
+    assert losses.causal_lm_labels(ids, rows_.document_ids(pos)).tolist() == [[11, 12, -100, 21, -100]]
     with pytest.raises(ValueError, match=r"document lengths must be positive, got \[3, 0\]"):
-        mixed.document_position_ids([3, 0])
+        rows_.document_position_ids([3, 0])
 
 
 def test_label_weights_follow_the_predicted_token():
-    pos = mixed.document_position_ids([3, 2])[None]
+    pos = rows_.document_position_ids([3, 2])[None]
     ids = torch.tensor([[10, 11, 12, 20, 21]])
-    labels = mixed.causal_lm_labels(ids, mixed.document_ids(pos))
+    labels = losses.causal_lm_labels(ids, rows_.document_ids(pos))
     loss_weight = torch.tensor([[1.0, 1.0, 2.0, 1.0, 2.0]])  # tokens 12 and 21 are answers
     # label t predicts token t+1: weight of the predicted token, 0 where there is no target
-    assert mixed.label_weights(loss_weight, labels).tolist() == [[1.0, 2.0, 0.0, 2.0, 0.0]]
+    assert losses.label_weights(loss_weight, labels).tolist() == [[1.0, 2.0, 0.0, 2.0, 0.0]]
 
 
 def test_weighted_chunked_loss_equals_a_hand_weighted_full_loss(base, torch_threads):
     ids = _docs(base.config.vocab_size, [80], seed=2)[0][None]
-    labels = mixed.causal_lm_labels(ids)
+    labels = losses.causal_lm_labels(ids)
     loss_weight = torch.ones(ids.shape)
     loss_weight[0, 60:70] = 3.0
-    weights = mixed.label_weights(loss_weight, labels)
+    weights = losses.label_weights(loss_weight, labels)
     with torch.no_grad():
         logits = base(input_ids=ids).logits[0, :-1]
         nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
         expected = float((nll * loss_weight[0, 1:]).sum() / loss_weight[0, 1:].sum())
         hidden = base.model(input_ids=ids).last_hidden_state
-        total, denom = mixed.chunked_causal_lm_loss(hidden, base.get_output_embeddings(), labels, 17, weights)
+        total, denom = losses.chunked_causal_lm_loss(hidden, base.get_output_embeddings(), labels, 17, weights)
     assert denom == pytest.approx(79 + 2 * 10)
     assert float(total) / denom == pytest.approx(expected, rel=IDENTITY_REL)
     with pytest.raises(ValueError, match=r"weights \(1, 79\) and labels \(1, 80\) disagree"):
-        mixed.chunked_causal_lm_loss(hidden, base.get_output_embeddings(), labels, 17, weights[:, :-1])
+        losses.chunked_causal_lm_loss(hidden, base.get_output_embeddings(), labels, 17, weights[:, :-1])
 
 
 def test_unpacked_documents_are_right_padded_rows_of_their_own():
-    pos = torch.stack([mixed.document_position_ids([3, 2]), mixed.document_position_ids([5])])  # (2, 5)
+    pos = torch.stack([rows_.document_position_ids([3, 2]), rows_.document_position_ids([5])])  # (2, 5)
     ids = torch.tensor([[10, 11, 12, 20, 21], [30, 31, 32, 33, 34]])
-    doc_ids = mixed.document_ids(pos)
-    labels = mixed.causal_lm_labels(ids, doc_ids)
-    weights = mixed.label_weights(torch.tensor([[1.0, 1.0, 2.0, 1.0, 2.0], [1.0] * 5]), labels)
+    doc_ids = rows_.document_ids(pos)
+    labels = losses.causal_lm_labels(ids, doc_ids)
+    weights = losses.label_weights(torch.tensor([[1.0, 1.0, 2.0, 1.0, 2.0], [1.0] * 5]), labels)
     u_ids, u_pos, u_labels, u_weights = mixed.unpack_documents(doc_ids, ids, pos, labels, weights)
     assert u_ids.tolist() == [[10, 11, 12, 0, 0], [20, 21, 0, 0, 0], [30, 31, 32, 33, 34]]
     assert u_pos.tolist() == [[0, 1, 2, 3, 4]] * 3  # padding continues the document's positions
@@ -180,19 +183,19 @@ def test_unpacked_documents_give_the_masked_packed_rows_loss_and_gradients(toy_m
     facts = rope_facts_from_hf_config(model.config)
     RopeScaling.longrope2(facts, 512, tail=[8.0] * 10, critical_dim=6).apply_to_model(model)
     rows = [[30, 64, 10, 50, 40, 62], [64, 64, 64, 64]]  # two packed rows of 256 tokens
-    pos = torch.stack([mixed.document_position_ids(r) for r in rows])
-    doc_ids = mixed.document_ids(pos)
+    pos = torch.stack([rows_.document_position_ids(r) for r in rows])
+    doc_ids = rows_.document_ids(pos)
     ids = torch.cat(_docs(model.config.vocab_size, [256, 256], seed=3)).view(2, 256)
-    labels = mixed.causal_lm_labels(ids, doc_ids)
+    labels = losses.causal_lm_labels(ids, doc_ids)
     loss_weight = torch.ones(ids.shape)
     loss_weight[:, 100:120] = 3.0
-    weights = mixed.label_weights(loss_weight, labels)
+    weights = losses.label_weights(loss_weight, labels)
     head = model.get_output_embeddings()
 
     def loss_and_grads(ids, pos, mask, labels, weights):
         model.zero_grad()
         hidden = model.model(input_ids=ids, position_ids=pos, attention_mask=mask).last_hidden_state
-        total, denom = mixed.chunked_causal_lm_loss(hidden, head, labels, 64, weights)
+        total, denom = losses.chunked_causal_lm_loss(hidden, head, labels, 64, weights)
         total.backward()
         return float(total.detach()), denom, {n: p.grad.clone() for n, p in model.named_parameters()}
 

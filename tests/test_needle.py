@@ -7,22 +7,31 @@ import random
 
 import pytest
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from numerics import IDENTITY_REL
+from tokenizers import (
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    trainers,
+)
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from longrope2.corpus import generate_documents
-from longrope2.needle import (
+from longrope2.data.corpus import generate_documents
+from longrope2.data.needles import (
     RULER_NEEDLE,
     RULER_PREFIX,
     RULER_QUESTION,
     NeedleTemplate,
     build_needle_sample,
-    needle_sample_losses,
-    needle_scores,
     template_overhead,
 )
-from longrope2.toy import encode_stream, toy_llama_config, train_tokenizer
-from numerics import IDENTITY_REL
+from longrope2.lm.losses import needle_sample_losses, needle_scores
+from longrope2.toy.data import encode_stream
+from longrope2.toy.settings import toy_llama_config
+from longrope2.toy.tokenizer import train_tokenizer
 
 DOCS = generate_documents(4, 3000, seed=1)
 TOY = NeedleTemplate(num_digits=5, distinct_digits=True).shortened()

@@ -8,17 +8,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import smoke_args
 from transformers import AutoTokenizer
 
 from longrope2 import needle_data
-from longrope2.config import ConfigError, compose_config
-from longrope2.inputs import needle_template
+from longrope2.core.config import compose_config
+from longrope2.core.errors import ConfigError
+from longrope2.data.needles import needle_template
 from longrope2.needle_data import sample_plan
 
 
 def _cfg(tmp_path, model_dir, folder, *extra):
     return compose_config([
-        "experiment=smoke", f"out_dir={tmp_path / 'out'}", f"model.path={model_dir}", "tracking.enabled=false",
+        *smoke_args(tmp_path / "out", model_dir),
         "data.corpus.source=folder", f"data.corpus.path={folder}", "data.corpus.heldout_fraction=0.0",
         "target_len=256", "data.search_set.books=3", "data.search_set.samples=9",
         "data.search_set.validation_books=2", "data.search_set.validation_samples=4", *extra,

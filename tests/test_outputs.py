@@ -2,7 +2,7 @@
 
 import pytest
 
-from longrope2.outputs import atomic_dir
+from longrope2.core.outputs import atomic_dir
 
 
 def test_atomic_dir_replaces_only_on_success_and_cleans_up_on_failure(tmp_path):

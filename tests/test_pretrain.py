@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, smoke_args
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
 GOLDEN = json.loads((GOLDEN_DIR / "smoke_pretrain.json").read_text())
@@ -15,7 +15,7 @@ GOLDEN = json.loads((GOLDEN_DIR / "smoke_pretrain.json").read_text())
 
 def run_stage(*overrides, cwd=REPO):
     return subprocess.run(
-        [sys.executable, "-m", "longrope2.pretrain", "experiment=smoke", "tracking.enabled=false", *overrides],
+        [sys.executable, "-m", "longrope2.pretrain", *smoke_args(), *overrides],
         cwd=cwd, capture_output=True, text=True, timeout=600,
     )
 
@@ -51,9 +51,9 @@ def test_gate_report_matches_the_recorded_golden_figures(smoke_run):
 
 
 def test_checkpoints_are_keyed_by_settings_and_corpus():
-    from longrope2.config import compose_config
-    from longrope2.inputs import toy_pretrain_settings
+    from longrope2.core.config import compose_config
     from longrope2.pretrain import checkpoint_dir
+    from longrope2.toy.settings import toy_pretrain_settings
 
     def key(*overrides):
         cfg = compose_config(list(overrides))

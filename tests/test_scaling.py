@@ -11,8 +11,14 @@ from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausa
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
 
-from longrope2 import rope
-from longrope2.scaling import METHODS, RopeConfigError, RopeFacts, RopeScaling, rope_facts_from_hf_config
+from longrope2.rope import factors as rope
+from longrope2.rope.scaling import (
+    METHODS,
+    RopeConfigError,
+    RopeFacts,
+    RopeScaling,
+    rope_facts_from_hf_config,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")

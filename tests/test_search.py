@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -12,17 +13,22 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_figure, smoke_args
 
-from longrope2 import needle_data, rope, search
-from longrope2.config import ConfigError, compose_config
-from longrope2.scaling import RopeScaling, rope_facts_from_hf_config
+from longrope2 import needle_data, search
+from longrope2.core.config import compose_config
+from longrope2.core.errors import ConfigError
+from longrope2.evolution import driver
+from longrope2.rope import factors as rope
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _overrides(out, model_dir, folder, *extra):
     return [
-        "experiment=smoke", f"out_dir={out}", f"model.path={model_dir}", "tracking.enabled=false",
+        *smoke_args(out, model_dir),
         "data.corpus.source=folder", f"data.corpus.path={folder}", "data.corpus.heldout_fraction=0.0",
         "model.train_len=64", "target_len=512", "data.search_set.books=2", "data.search_set.samples=4",
         "data.search_set.validation_books=2", "data.search_set.validation_samples=4",
@@ -69,7 +75,7 @@ def test_outputs_and_invariants(reference):
     assert all(s - 1e-9 <= x <= 2 * s + 1e-9 for x in lam[c:]), "inside [s, 2s] above c"
     ntk = rope.ntk_tied_factors(lam[c], c, len(lam)).tolist()
     assert lam[:c] == pytest.approx(ntk[:c], rel=1e-12), "NTK tie below c"
-    assert res["attention_factor"] == pytest.approx(rope.attention_temperature(8.0, 64))
+    assert res["attention_factor"] == pytest.approx(rope.longrope_attention_factor(8.0, 64))
     params = json.loads((reference / "seed0" / "search" / "longrope2" / "rope_parameters.json").read_text())
     assert params["rope_type"] == "longrope" and params["short_factor"] == [1.0] * 16
     assert params["long_factor"] == lam and params["original_max_position_embeddings"] == 64
@@ -87,7 +93,7 @@ def test_outputs_and_invariants(reference):
     # recomputed on the job's cores after the search (another thread count): equal but for float sums
     assert searched == pytest.approx(res["fitness_value"], rel=1e-6)
     for name in ("convergence.png", "factors.png"):
-        assert (reference / "seed0" / "search" / "longrope2" / name).stat().st_size > 1000
+        assert_figure(reference / "seed0" / "search" / "longrope2" / name)
 
 
 def test_same_seed_same_factors(tmp_path, reference, toy_model_dir, books):
@@ -107,12 +113,12 @@ def test_killed_search_resumes_to_the_same_result(tmp_path, toy_model_dir, books
     many = ("search.iterations=25",)
     _prepare(tmp_path / "ref", toy_model_dir, books, *many)
     _prepare(tmp_path / "killed", toy_model_dir, books, *many)
-    state_dir = tmp_path / "killed" / "seed0" / "search" / "longrope2" / "state"
+    state_dir = tmp_path / "killed" / "seed0" / "checkpoints"  # core.resume: search-longrope2-<fingerprint>/
     proc = _cli(tmp_path / "killed", toy_model_dir, books, *many)
     iteration, deadline = -1, time.monotonic() + 300
     while iteration < 2 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-        states = list(state_dir.glob("*.json"))
+        states = list(state_dir.glob("search-longrope2-*/state.json"))
         if states:
             iteration = json.loads(states[0].read_text())["runs"][0]["iteration"]
     assert proc.poll() is None, "the search ended before it could be killed: make it longer"
@@ -125,6 +131,7 @@ def test_killed_search_resumes_to_the_same_result(tmp_path, toy_model_dir, books
     log = resumed.communicate(timeout=600)[0]
     assert resumed.returncode == 0, log
     assert "resuming the search from" in log
+    assert not list(state_dir.glob("search-longrope2-*")), "the state outlived the outputs"
     search.run(compose_config(_overrides(tmp_path / "ref", toy_model_dir, books, *many)))
     killed, ref = _result(tmp_path / "killed"), _result(tmp_path / "ref")
     assert killed["long_factor"] == ref["long_factor"] and killed["fitness_value"] == ref["fitness_value"]
@@ -185,26 +192,93 @@ def test_search_options(tmp_path, toy_model_dir, books, options):
         assert 1.0 <= res["attention_factor"] <= 1.3
     if "search.attention_factor=1.1" in options:
         assert res["attention_factor"] == 1.1
-    if "search.fitness=plain_ppl" in options:
+    if "search.fitness=plain_ppl" in options:  # its value: test_fitness_is_the_perplexity_of_transformers_longrope
         assert res["fitness"] == "plain_ppl"
-        facts = rope_facts_from_hf_config(json.loads((toy_model_dir / "config.json").read_text()))
-        scaling = RopeScaling.longrope(facts, 512, long_factor=lam, attention_factor=res["attention_factor"])
-        # the search's threads vs this process's: float32 logits, float64 sums, so ~1e-7 of the value
-        assert res["fitness_value"] == pytest.approx(_plain_ppl_of(toy_model_dir, tmp_path, scaling), rel=1e-6)
 
 
-def _plain_ppl_of(model_dir, out, scaling):
-    """Independent check: the plain PPL of the needle-free rows under the searched scaling."""
-    import torch
-    from transformers import AutoModelForCausalLM
+@pytest.fixture(scope="module")
+def rope_sensitive_model_dir(tmp_path_factory, toy_model_dir):
+    """The toy model (architecture, window 64, tokenizer) with a 10x init spread (0.2), so attention depends
+    on the rotation. With the default 0.02 attention is near uniform: every factor set to 1 moves the fitness
+    by only ~1e-4 relative (measured), inside any float32 tolerance, so no check could tell the searched factors
+    from none; here it moves it by 7% (plain) to 39% (needle) and 1% more attention factor by >= 1e-3."""
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
 
-    from longrope2 import fitness
+    path = tmp_path_factory.mktemp("rope_sensitive") / "base_model"
+    config = AutoConfig.from_pretrained(toy_model_dir)
+    config.initializer_range = 0.2
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(toy_model_dir).save_pretrained(path)
+    return path
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
-    fitness.prepare_for_search(model, rope_facts_from_hf_config(model.config))
-    fitness.set_long_rope(model, scaling)
-    ids = torch.load(Path(out) / "seed0" / "needle_data" / "search.pt")["plain_ids"]
-    return fitness.plain_ppl(model, ids)
+
+# float32 forwards on both sides (the search: sdpa at its thread count; the reference: eager here). The relative
+# error of exp(mean NLL) is the absolute error of the mean NLL (~7 nats), i.e. ~1e-6 at float32's eps 1.2e-7;
+# measured 3e-7. rel 1e-4 leaves a margin of ~300 while a 1% error in the attention factor moves the value by
+# >= 1.3e-3 and a 1% error in the factors by >= 4e-2 (measured on this model).
+FITNESS_REL = 1e-4
+
+
+@pytest.mark.parametrize("fitness", ["needle_ppl", "plain_ppl"])
+def test_fitness_is_the_perplexity_of_transformers_longrope(tmp_path, rope_sensitive_model_dir, books, fitness):
+    """The fitness the search wrote for its best factors, recomputed by transformers alone: the base model
+    loaded fresh with rope_type "longrope" in its config and scored by transformers' loss (plain PPL) or
+    by float64 cross-entropy of its full logits at the answer tokens (needle PPL)."""
+    cfg = _prepare(tmp_path, rope_sensitive_model_dir, books, f"search.fitness={fitness}", "search.iterations=1")
+    search.run(cfg)
+    res = _result(tmp_path)
+    assert res["fitness"] == fitness
+    tensors = torch.load(tmp_path / "seed0" / "needle_data" / "search.pt")
+    ids, mask, plain = tensors["input_ids"].long(), tensors["answer_mask"].bool(), tensors["plain_ids"].long()
+    assert ids.shape[1] == plain.shape[1] == 512 > 64, "longer than L_train: transformers takes the long factors"
+    assert bool(mask.any(dim=1).all()), "every needle sample has answer tokens"
+
+    def reference(result):
+        model = _hf_longrope_model(rope_sensitive_model_dir, result, train_len=64, target_len=512)
+        return _hf_plain_ppl(model, plain) if fitness == "plain_ppl" else _hf_needle_ppl(model, ids, mask)
+
+    assert res["fitness_value"] == pytest.approx(reference(res), rel=FITNESS_REL)
+    # the check can fail: the same model without the searched factors is far outside the tolerance
+    unscaled = reference({**res, "long_factor": [1.0] * len(res["long_factor"]), "attention_factor": 1.0})
+    assert abs(unscaled / res["fitness_value"] - 1) > 100 * FITNESS_REL
+
+
+def _hf_longrope_model(model_dir, res, train_len, target_len):
+    """Independent reference: the base model loaded fresh by transformers with the searched factors written into
+    its config as transformers' own rope_type "longrope" (short factors ones below L_train, long factors beyond)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    base = AutoConfig.from_pretrained(model_dir)
+    n = len(res["long_factor"])
+    params = {"rope_type": "longrope", "rope_theta": float(base.rope_parameters["rope_theta"]),
+              "short_factor": [1.0] * n, "long_factor": list(res["long_factor"]),
+              "original_max_position_embeddings": train_len, "factor": target_len / train_len,
+              "attention_factor": float(res["attention_factor"])}
+    config = AutoConfig.from_pretrained(model_dir, rope_parameters=params)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=torch.float32,
+                                                 attn_implementation="eager").eval()
+    rotary = model.model.rotary_emb
+    assert rotary.rope_type == "longrope" and rotary.attention_scaling == params["attention_factor"]
+    return model
+
+
+def _hf_plain_ppl(model, ids):
+    """exp(mean over rows of transformers' own causal-LM loss: the row's mean NLL over its L - 1 predictions)."""
+    with torch.no_grad():
+        losses = [float(model(input_ids=row[None], labels=row[None]).loss) for row in ids]
+    return math.exp(sum(losses) / len(losses))
+
+
+def _hf_needle_ppl(model, ids, answer_mask):
+    """exp(mean over samples of the mean NLL over the answer tokens), from full logits in float64."""
+    nlls = []
+    with torch.no_grad():
+        for row, mask in zip(ids, answer_mask):
+            logits = model(input_ids=row[None]).logits[0].double()  # (L, V)
+            pos = torch.nonzero(mask).flatten()  # position t - 1 predicts token t
+            nlls.append(float(F.cross_entropy(logits[pos - 1], row[pos])))
+    return math.exp(sum(nlls) / len(nlls))
 
 
 def test_a_searched_method_sets_its_own_switches_and_writes_beside_the_others(tmp_path, toy_model_dir, books):
@@ -226,7 +300,7 @@ def test_critical_dims_searched_per_preset(search_cfg, expected):
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.create({"search": search_cfg})
-    assert search.c_ranges(cfg, {"d10_tcd": 24, "d_tcd": 35}) == expected
+    assert driver.c_ranges(cfg, {"d10_tcd": 24, "d_tcd": 35}) == expected
 
 
 def test_a_c_range_beyond_d_tcd_is_refused():
@@ -235,4 +309,4 @@ def test_a_c_range_beyond_d_tcd_is_refused():
     cfg = OmegaConf.create({"search": {"preset": "paper", "critical_dim_mode": "population", "c_range": [30, 36]}})
     with pytest.raises(ConfigError, match=r"search.c_range = \[30, 36\]: accepted: null or \[lo, hi\] with "
                                           r"0 < lo <= hi <= d_tcd = 35"):
-        search.c_ranges(cfg, {"d10_tcd": 24, "d_tcd": 35})
+        driver.c_ranges(cfg, {"d10_tcd": 24, "d_tcd": 35})

@@ -6,7 +6,6 @@ import json
 import os
 import re
 import subprocess
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -78,15 +77,13 @@ def test_smoke_runs_through_the_slurm_plugin(tmp_path, slurm_cluster):
     """`snakemake --profile slurm` on the smoke experiment, on the stand-in cluster: every job of the DAG but
     `all` is submitted exactly once with sbatch, with the partition and account of the overrides and its rule's
     cpus, memory and time from `resources.<rule>`; the plugin follows the jobs with sacct; each job runs its
-    rule under srun (the slurm-jobstep executor) with those cpus and completes; the pipeline's outputs exist;
-    all within 12 minutes (about 7 on 2 busy cores, 2 of them the plugin's status-check back-off)."""
-    from longrope2.config import compose_config
+    rule under srun (the slurm-jobstep executor) with those cpus and completes, once (none failed and was
+    restarted); the pipeline's outputs exist."""
+    from longrope2.core.config import compose_config
 
     resources = compose_config(["experiment=smoke"]).resources
-    start = time.monotonic()
     proc = run_snakemake("--profile", str(PROFILE), "--config", "experiment=smoke", PLACEMENT_ONE_METHOD,
-                         *FAST_POLLING, cwd=tmp_path, env=slurm_cluster, timeout=780)
-    elapsed = time.monotonic() - start
+                         *FAST_POLLING, cwd=tmp_path, env=slurm_cluster, timeout=780)  # timeout: a hang guard
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
     state = tmp_path / "slurm"
@@ -95,6 +92,9 @@ def test_smoke_runs_through_the_slurm_plugin(tmp_path, slurm_cluster):
     calls = read_jsonl(state / "sbatch.jsonl")
     assert calls and all(c["exit"] == 0 for c in calls), [c for c in calls if c["exit"]]
     planned = planned_jobs(log)
+    total = sum(planned.values())
+    # Every planned job ran once (`all` locally): none was restarted after a failure.
+    assert f"{total} of {total} steps (100%) done" in log and "Trying to restart job" not in log
     assert planned.pop("all") == 1 and set(planned) == SMOKE_RULES
     submitted = Counter(rule_of(option(c["argv"], "--comment")) for c in calls)
     assert submitted == planned
@@ -127,21 +127,22 @@ def test_smoke_runs_through_the_slurm_plugin(tmp_path, slurm_cluster):
     out = tmp_path / "results" / "smoke"
     assert (out / "report" / "report.md").stat().st_size > 0
     assert (out / "seed0" / "train" / "longrope2" / "model" / "config.json").exists()
-    assert elapsed < 720, f"the smoke run through the slurm plugin took {elapsed:.0f} s"
 
 
 def test_a_failed_slurm_job_stops_the_run_and_names_its_rule(tmp_path, slurm_cluster):
     """A job that Slurm reports FAILED (the stand-in makes pretrain's job exit 1): snakemake exits non-zero,
-    names the rule and the Slurm state, and submits nothing that depends on it."""
-    start = time.monotonic()
+    names the rule and the Slurm state, neither restarts nor resubmits the failed job, and submits nothing that
+    depends on it."""
     proc = run_snakemake("--profile", str(PROFILE), "--config", "experiment=smoke", PLACEMENT, *FAST_POLLING,
-                         cwd=tmp_path, env={**slurm_cluster, "STANDIN_SLURM_FAIL_RULES": "pretrain"}, timeout=300)
+                         cwd=tmp_path, env={**slurm_cluster, "STANDIN_SLURM_FAIL_RULES": "pretrain"},
+                         timeout=300)  # a hang guard only
     log = proc.stdout + proc.stderr
     assert proc.returncode != 0, log[-4000:]
     assert "Error in rule pretrain" in log, log[-4000:]
     assert "SLURM status is: 'FAILED'" in log, log[-4000:]
+    assert "Trying to restart job" not in log
+    # One sbatch and one job, pretrain's, FAILED: not resubmitted, and nothing after it submitted.
     calls = read_jsonl(tmp_path / "slurm" / "sbatch.jsonl")
     assert [rule_of(option(c["argv"], "--comment")) for c in calls] == ["pretrain"]
-    assert [r["state"] for r in job_records(tmp_path / "slurm")] == ["FAILED"]
+    assert [(r["state"], r["exit_code"]) for r in job_records(tmp_path / "slurm")] == [("FAILED", 1)]
     assert not (tmp_path / "results" / "smoke" / "base_model").exists()
-    assert time.monotonic() - start < 180

@@ -7,9 +7,12 @@ import pytest
 import torch
 from conftest import run_snakemake
 
-from longrope2 import convert_gguf, methods, rope
-from longrope2.config import ConfigError, compose_config
-from longrope2.scaling import RopeFacts, RopeScaling
+from longrope2 import convert_gguf
+from longrope2.core.config import compose_config
+from longrope2.core.errors import ConfigError
+from longrope2.rope import factors as rope
+from longrope2.rope import methods
+from longrope2.rope.scaling import RopeFacts, RopeScaling
 
 SMOLLM2 = RopeFacts(rope_theta=100_000.0, head_dim=64, train_len=8192)
 
@@ -41,7 +44,7 @@ def test_searches_accepts_search_runs_only():
 
 
 def test_the_dtcd_rule_is_the_searchs_baseline_at_smollm2s_critical_dim():
-    from longrope2.search import baselines
+    from longrope2.evolution.driver import baselines
 
     d_tcd = rope.critical_dim(SMOLLM2.rotary_dim, SMOLLM2.rope_theta, SMOLLM2.train_len)
     assert d_tcd == 20  # 32 rotary pairs, 12 of them beyond d_tcd
@@ -50,7 +53,7 @@ def test_the_dtcd_rule_is_the_searchs_baseline_at_smollm2s_critical_dim():
     assert rule.switches and set(rule.short_factor) == {1.0} and rule.critical_dim == 20
     assert rule.long_factor[20:] == (2.0,) * 12
     assert rule.long_factor[:20] == pytest.approx([2.0 ** (i / 20) for i in range(20)])
-    assert rule.attention_factor == pytest.approx(rope.attention_temperature(2.0, 8192))
+    assert rule.attention_factor == pytest.approx(rope.longrope_attention_factor(2.0, 8192))
     assert methods.spec("longrope2_dtcd").search is None  # closed form: no search job
 
 

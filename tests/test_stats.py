@@ -15,7 +15,7 @@ import pytest
 from scipy import optimize
 from scipy import stats as sps
 
-from longrope2 import claims, stats
+from longrope2.reporting import claims, stats
 
 
 def _pairs(n_both: int, n_a: int, n_b: int, n_none: int) -> tuple[list[int], list[int]]:

@@ -33,7 +33,7 @@ def _kill_moments(out: Path) -> list[tuple[str, Callable[[], bool], Path]]:
 
     return [
         ("after pretraining", exists("base_model/config.json"), out / "seed0" / "search" / "longrope2" / "result.json"),
-        ("during the search", exists("seed0/search/longrope2/state/[!.]*.json"),  # not the .partial being written
+        ("during the search", exists("seed0/checkpoints/search-longrope2-*/state.json"),  # complete: atomic_file
          out / "seed0" / "search" / "longrope2" / "result.json"),
         ("during the fine-tuning", exists("seed0/checkpoints/train-longrope2-*/step-*/trainer.json"),
          out / "seed0" / "train" / "longrope2" / "train.json"),

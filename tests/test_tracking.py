@@ -7,7 +7,7 @@ import sys
 
 from omegaconf import OmegaConf
 
-from longrope2 import tracking
+from longrope2.core import tracking
 
 
 def _cfg(tmp_path):
@@ -17,7 +17,7 @@ def _cfg(tmp_path):
 
 
 def _dead_process_token() -> str:
-    proc = subprocess.run([sys.executable, "-c", "from longrope2.tracking import process_token; "
+    proc = subprocess.run([sys.executable, "-c", "from longrope2.core.tracking import process_token; "
                            "print(process_token())"], capture_output=True, text=True, check=True)
     return proc.stdout.strip()
 

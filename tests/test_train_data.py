@@ -9,11 +9,16 @@ import re
 
 import pytest
 import torch
+from conftest import smoke_args
 from transformers import AutoTokenizer
 
-from longrope2 import corpus, mixed, train_data
-from longrope2.config import ConfigError, compose_config
-from longrope2.train import Rows
+from longrope2 import train_data
+from longrope2.core.config import compose_config
+from longrope2.core.errors import ConfigError
+from longrope2.data import corpora as corpora_
+from longrope2.data import corpus
+from longrope2.data import rows as mixed
+from longrope2.data.rows import Rows
 
 L, L_TRAIN = 256, 64
 MIX = "train.length_mix=[{max_len:64,tokens:2560},{max_len:256,tokens:2000}]"  # 10 short, ceil(7.8) = 8 long rows
@@ -21,7 +26,7 @@ MIX = "train.length_mix=[{max_len:64,tokens:2560},{max_len:256,tokens:2000}]"  #
 
 def _cfg(tmp_path, model_dir, *extra):
     return compose_config([
-        "experiment=smoke", f"out_dir={tmp_path / 'out'}", f"model.path={model_dir}", "tracking.enabled=false",
+        *smoke_args(tmp_path / "out", model_dir),
         f"model.train_len={L_TRAIN}", f"target_len={L}", MIX, "data.train_set.long_lengths=[128,256]", *extra,
     ])
 
@@ -233,7 +238,7 @@ def test_paper_preset_composes_and_names_the_local_copy_override():
     # Offline (conftest: HF_HUB_OFFLINE) the first hub id fails, naming the override to a local copy.
     with pytest.raises(ConfigError, match=r"data\.train_set\.corpora\[0\]\.path = 'togethercomputer/RedPajama-Data-1T'"
                                           r": .* the override data\.train_set\.corpora\.0\.path=/path/to/local/"):
-        train_data.index_corpora(cfg)
+        corpora_.index_corpora(cfg)
 
 
 def test_bad_jsonl_line_leaves_no_folder(tmp_path, toy_model_dir):
@@ -308,7 +313,7 @@ def _bucket_cfg(tmp_path, model_dir, specs, *extra, out="out", mix=MIX3):
     items = ",".join(f"{{name:{n},path:{str(p)!r},weight:{w}" + ("" if b is None else f",buckets:{b}")
                      + "".join(f",{x}" for x in more) + "}" for n, p, w, b, *more in specs)
     return compose_config([
-        "experiment=smoke", f"out_dir={tmp_path / out}", f"model.path={model_dir}", "tracking.enabled=false",
+        *smoke_args(tmp_path / out, model_dir),
         f"model.train_len={L_TRAIN}", f"target_len={L}", mix, "data.train_set.source=corpora",
         f"data.train_set.corpora=[{items}]", *extra])
 

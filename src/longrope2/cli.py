@@ -14,8 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from longrope2 import methods, rope
-from longrope2.scaling import RopeConfigError, RopeFacts, rope_facts_from_hf_config
+from longrope2.rope import factors as rope
+from longrope2.rope import methods
+from longrope2.rope.scaling import RopeConfigError, RopeFacts, rope_facts_from_hf_config
 
 
 def _positive_int(text: str) -> int:

@@ -15,17 +15,15 @@ import math
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+from omegaconf import DictConfig
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
-
-from longrope2 import rope  # noqa: E402
-from longrope2.config import ConfigError, hydra_stage  # noqa: E402
-from longrope2.outputs import save_figure, write_json  # noqa: E402
-from longrope2.scaling import RopeFacts, rope_facts_from_hf_config  # noqa: E402
-from longrope2.tracking import stage_run  # noqa: E402
+from longrope2.core.config import hydra_stage
+from longrope2.core.errors import ConfigError
+from longrope2.core.outputs import write_json
+from longrope2.core.tracking import stage_run
+from longrope2.reporting.figures import plot_periods
+from longrope2.rope import factors as rope
+from longrope2.rope.scaling import RopeFacts, rope_facts_from_hf_config
 
 
 def load_model_facts(cfg: DictConfig) -> RopeFacts:
@@ -52,23 +50,6 @@ def load_model_facts(cfg: DictConfig) -> RopeFacts:
                 "accepted: the model's own value (fix the experiment config or model.path)"
             )
     return facts
-
-
-def plot_periods(summary: dict[str, Any], title: str, path: Path) -> None:
-    """Log period per pair with L_train, L and the critical dimensions marked (paper Fig. 2 style)."""
-    periods = summary["periods"]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.semilogy(range(len(periods)), periods, "o-", ms=3, color="tab:blue", label="period $T_i$")
-    ax.axhline(summary["train_len"], color="tab:green", ls="--", label=f"$L_{{train}}$ = {summary['train_len']}")
-    ax.axhline(summary["target_len"], color="tab:red", ls="--", label=f"$L$ = {summary['target_len']}")
-    ax.axvline(summary["d_tcd"], color="black", ls=":", label=f"$d_{{tcd}}$ = {summary['d_tcd']}")
-    ax.axvline(summary["d10_tcd"], color="grey", ls=":", label=f"$d^{{10}}_{{tcd}}$ = {summary['d10_tcd']}")
-    ax.axvspan(summary["d10_tcd"], summary["d_tcd"], color="grey", alpha=0.12, label="search range of $d_{rcd}$")
-    ax.set_xlabel("frequency pair i")
-    ax.set_ylabel("period (tokens)")
-    ax.set_title(title)
-    ax.legend(fontsize=8, loc="upper left")
-    save_figure(fig, path)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

@@ -23,12 +23,19 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from longrope2 import ruler
-from longrope2.config import ConfigError, hydra_stage
-from longrope2.inputs import corpus_parts, load_tokenizer, needle_template
-from longrope2.needle import NeedleSample, NeedleTemplate, build_needle_sample
-from longrope2.outputs import atomic_dir, write_json
-from longrope2.tracking import stage_run
+from longrope2.core.config import hydra_stage
+from longrope2.core.errors import ConfigError
+from longrope2.core.outputs import atomic_dir, write_json
+from longrope2.core.tracking import stage_run
+from longrope2.data.corpus import corpus_parts
+from longrope2.data.needles import (
+    NeedleSample,
+    NeedleTemplate,
+    build_needle_sample,
+    needle_template,
+)
+from longrope2.evaluation import ruler, ruler_data
+from longrope2.lm.loading import load_tokenizer
 
 TOY_SHORT_TASKS = ("toy_short_needle", "toy_short_ppl", "toy_short_choice")
 CHOICES = 4  # as MMLU and ARC-Challenge
@@ -58,8 +65,8 @@ def check_config(cfg: DictConfig) -> None:
     if "ruler" in cfg.eval.suites:
         source = cfg.eval.ruler.source_dir
         try:
-            folder = source if source is not None else ruler.packaged_source_dir()
-            ruler.check_sources(folder, list(cfg.eval.ruler.tasks))
+            folder = source if source is not None else ruler_data.packaged_source_dir()
+            ruler_data.check_sources(folder, list(cfg.eval.ruler.tasks))
         except ruler.RulerDataError as err:
             raise ConfigError(str(err)) from None
 
@@ -67,19 +74,19 @@ def check_config(cfg: DictConfig) -> None:
 def build_ruler(cfg: DictConfig, tokenizer: Any, out: Path) -> dict[str, Any]:
     """Every (task, length) file; a task that cannot fit a length is recorded with the reason."""
     r = cfg.eval.ruler
-    source = Path(r.source_dir) if r.source_dir is not None else ruler.packaged_source_dir()
-    paths = ruler.check_sources(source, list(r.tasks))
+    source = Path(r.source_dir) if r.source_dir is not None else ruler_data.packaged_source_dir()
+    paths = ruler_data.check_sources(source, list(r.tasks))
     budgets = OmegaConf.to_container(r.max_new_tokens, resolve=True)
     folder = out / "ruler"
     folder.mkdir()
     manifest: dict[str, Any] = {"source_dir": str(source), "samples": int(r.samples), "tasks": {}}
-    with ruler.offline_lm_eval_ruler(paths) as modules:
-        haystacks = {"essay": ruler.essay_haystack(paths["essay"])} if "essay" in paths else {}
+    with ruler_data.offline_lm_eval_ruler(paths) as modules:
+        haystacks = {"essay": ruler_data.essay_haystack(paths["essay"])} if "essay" in paths else {}
         jobs = [(task, int(length)) for task in r.tasks for length in r.lengths]
         for task, length in tqdm(jobs, desc="RULER data", unit="file"):
             entry = manifest["tasks"].setdefault(task, {})
             try:
-                rows = ruler.generate_task(modules, task, tokenizer, length, int(r.samples), int(cfg.seed),
+                rows = ruler_data.generate_task(modules, task, tokenizer, length, int(r.samples), int(cfg.seed),
                                            budgets, haystacks)
             except ruler.RulerDataError as err:
                 entry[str(length)] = {"unavailable": str(err)}

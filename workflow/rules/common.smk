@@ -5,10 +5,11 @@ import sys
 
 from snakemake.exceptions import WorkflowError
 
-from longrope2.config import ConfigError, compose_config, overrides_from_snakemake, to_dict
-from longrope2 import launch, tracking
-from longrope2.inputs import BASE as BASE_VARIANT
-from longrope2.methods import spec as method_spec, searches_for
+from longrope2.core import launch, tracking
+from longrope2.core.artifacts import BASE as BASE_VARIANT
+from longrope2.core.config import compose_config, overrides_from_snakemake, to_dict
+from longrope2.core.errors import ConfigError
+from longrope2.rope.methods import searches_for, spec as method_spec
 
 OVERRIDES = overrides_from_snakemake(config)
 if any(o.lstrip("+~").startswith("run_seed=") for o in OVERRIDES):
@@ -47,7 +48,7 @@ def stage_cmd(stage, processes=1, extra=""):
     """Shell command of a stage; output goes to the terminal and to the rule's log.
 
     processes > 1: torchrun starts that many processes on a node (one per GPU on a cluster); resources.<stage>.nodes
-    > 1 (slurm): srun starts one torchrun per node, resources.<stage>.cpus each (longrope2.launch).
+    > 1 (slurm): srun starts one torchrun per node, resources.<stage>.cpus each (longrope2.core.launch).
     """
     spec = CFG.resources[stage]
     # The interpreter that runs Snakemake runs the stages: same environment, no PATH surprises.

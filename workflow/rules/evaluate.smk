@@ -26,9 +26,9 @@ def suites_arg(wildcards):
 
 # The evaluations' folders: <suite>/ under these, per job or all at once (the targets of `all` and `report`).
 BASE_EVAL_DIR = f"{OUT}/eval/{BASE_VARIANT}"
-VARIANT_EVAL_DIR = f"{SEED_OUT}/eval/{{variant}}"
+METHOD_EVAL_DIR = f"{SEED_OUT}/eval/{{method}}"
 BASE_EVALUATIONS = [f"{BASE_EVAL_DIR}/{suite}" for suite in EVAL_SUITES]
-EVALUATIONS = expand(f"{VARIANT_EVAL_DIR}/{{suite}}", variant=METHODS, suite=EVAL_SUITES, seed=SEEDS)
+EVALUATIONS = expand(f"{METHOD_EVAL_DIR}/{{suite}}", method=METHODS, suite=EVAL_SUITES, seed=SEEDS)
 
 
 rule eval_data:
@@ -75,7 +75,7 @@ rule evaluate_base:
 def evaluate_inputs(wildcards):
     """The method's fine-tuned model, the suite data and, for the short tasks, the base's result (retention)."""
     inputs = {"data": rules.eval_data.output[0],
-              "model": expand(rules.train.output[0], method=wildcards.variant, seed=wildcards.seed)}
+              "model": expand(rules.train.output[0], method=wildcards.method, seed=wildcards.seed)}
     if "short" in job_suites(wildcards):
         inputs["base_short"] = f"{BASE_EVAL_DIR}/short"
     return inputs
@@ -85,11 +85,11 @@ rule evaluate:
     input:
         unpack(evaluate_inputs),
     output:
-        suite_outputs(VARIANT_EVAL_DIR),
+        suite_outputs(METHOD_EVAL_DIR),
     log:
-        f"{SEED_LOGS}/evaluate-{{variant}}{SUITE_LOG}.log",
+        f"{SEED_LOGS}/evaluate-{{method}}{SUITE_LOG}.log",
     wildcard_constraints:
-        variant="|".join(METHODS),
+        method="|".join(METHODS),
         suite="|".join(EVAL_SUITES) or "none",
         seed=seed_constraint(),
     params:
@@ -101,16 +101,16 @@ rule evaluate:
     shell:
         stage_cmd(
             "evaluate",
-            extra="eval.variant={wildcards.variant} 'eval.suite={params.suites}' run_seed={wildcards.seed}",
+            extra="eval.variant={wildcards.method} 'eval.suite={params.suites}' run_seed={wildcards.seed}",
         )
 
 
 # Training-free: each method's factors on the base model, not fine-tuned (eval.training_free_suites; the
 # report's Table 2 shows them beside the fine-tuned rows). One job per method runs all those suites.
 TRAINING_FREE_SUITES = list(CFG.eval.training_free_suites)
-TRAINING_FREE_EVAL_DIR = f"{SEED_OUT}/eval_training_free/{{variant}}"
+TRAINING_FREE_EVAL_DIR = f"{SEED_OUT}/eval_training_free/{{method}}"
 TRAINING_FREE_EVALUATIONS = expand(
-    f"{TRAINING_FREE_EVAL_DIR}/{{suite}}", variant=METHODS, suite=TRAINING_FREE_SUITES, seed=SEEDS
+    f"{TRAINING_FREE_EVAL_DIR}/{{suite}}", method=METHODS, suite=TRAINING_FREE_SUITES, seed=SEEDS
 )
 
 
@@ -119,7 +119,7 @@ def training_free_inputs(wildcards):
     inputs = {"data": rules.eval_data.output[0]}
     if PRETRAIN:
         inputs["model"] = rules.pretrain.output.model
-    search = method_spec(wildcards.variant).search
+    search = method_spec(wildcards.method).search
     if search is not None:
         inputs["search"] = expand(rules.search.output.result, search=search, seed=wildcards.seed)
     if "short" in TRAINING_FREE_SUITES:
@@ -135,9 +135,9 @@ if TRAINING_FREE_SUITES:
         output:
             [directory(f"{TRAINING_FREE_EVAL_DIR}/{suite}") for suite in TRAINING_FREE_SUITES],
         log:
-            f"{SEED_LOGS}/evaluate-{{variant}}-training_free.log",
+            f"{SEED_LOGS}/evaluate-{{method}}-training_free.log",
         wildcard_constraints:
-            variant="|".join(METHODS),
+            method="|".join(METHODS),
             seed=seed_constraint(),
         params:
             cfg=stage_params("eval", "model", "target_len", "seed"),
@@ -148,6 +148,6 @@ if TRAINING_FREE_SUITES:
         shell:
             stage_cmd(
                 "evaluate",
-                extra="eval.variant={wildcards.variant} 'eval.suite={params.suites}' eval.training_free=true "
+                extra="eval.variant={wildcards.method} 'eval.suite={params.suites}' eval.training_free=true "
                 "run_seed={wildcards.seed}",
             )

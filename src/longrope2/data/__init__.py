@@ -1,0 +1,1 @@
+"""Data: corpora, needle samples, the fine-tuning rows' format and packing, tokenization."""

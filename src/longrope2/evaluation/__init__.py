@@ -1,0 +1,1 @@
+"""Evaluation suites: NIAH, perplexity, RULER, LongBench, the lm-eval harness and backends."""

@@ -1,0 +1,1 @@
+"""Reporting: tables, statistics, the paper's claims, the figures, the run's results joined."""

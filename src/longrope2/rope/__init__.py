@@ -1,0 +1,1 @@
+"""RoPE maths and the methods' factor rules: pure functions of the RoPE facts (no I/O, no stage)."""
