@@ -48,7 +48,7 @@ from longrope2.core.outputs import atomic_dir, write_json
 from longrope2.core.processes import torch_threads
 from longrope2.core.tracking import stage_run
 from longrope2.evaluation import backends, longbench
-from longrope2.evaluation.suites import SUITES, _quiet_lm_eval, headline
+from longrope2.evaluation.suites import SUITES, headline, quiet_lm_eval
 from longrope2.lm.loading import load_base_model, load_tokenizer, stage_dtype
 from longrope2.rope import methods
 from longrope2.rope.scaling import rope_facts_from_hf_config
@@ -156,7 +156,7 @@ def run(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     if cfg.eval.backend == "vllm" and suites[0] in checks.LM_EVAL_SUITES:
         backends.check_vllm()  # missing or too old: fails before any model loads
     data = Path(cfg.out_dir) / "eval_data"
-    _quiet_lm_eval()
+    quiet_lm_eval()
     results: dict[str, dict[str, Any]] = {}
     with torch_threads(cfg.eval.num_threads), tempfile.TemporaryDirectory() as checkpoints:
         model, tokenizer = load_variant(cfg, path, suites, free, searched, Path(checkpoints))

@@ -54,7 +54,7 @@ def load_json_state(path: Path, key: str) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     state = json.loads(path.read_text())
-    if state.get("version") != STATE_VERSION or state.get("fingerprint") != key:
+    if not matches(state, key):
         print(f"{path}: state of another version or configuration: ignored, starting fresh")
         return None
     return state

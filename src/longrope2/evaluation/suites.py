@@ -39,7 +39,8 @@ def suite_harness(cfg: DictConfig, model: Any, tokenizer: Any, suite: str, max_l
     return harness(model, tokenizer, max_length, int(cfg.eval.batch_size))
 
 
-def _quiet_lm_eval() -> None:
+def quiet_lm_eval() -> None:
+    """lm-eval's INFO lines off the stage log (its warnings stay)."""
     import logging
 
     for name in ("lm_eval", "lm-eval"):
