@@ -19,7 +19,8 @@ include: "workflow/rules/report.smk"
 
 # finetune = false (e.g. experiment=smollm2_16k): the training-free half only, no fine-tuning and no report.
 FINETUNED_TARGETS = (
-    [expand(rules.train.output, method=METHODS, seed=SEEDS), BASE_EVALUATIONS, EVALUATIONS, rules.report.output]
+    [expand(rules.train.output, method=METHODS, seed=SEEDS), BASE_EVALUATIONS, SHIPPED_EVALUATIONS, EVALUATIONS,
+     rules.report.output]
     if CFG.finetune
     else []
 )

@@ -24,7 +24,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausa
 from longrope2.data.needles import NeedleTemplate, build_needle_sample
 from longrope2.lm.losses import needle_scores
 from longrope2.rope import factors as rope
-from longrope2.rope.scaling import METHODS, RopeFacts, RopeScaling
+from longrope2.rope.hf_config import RopeFacts
+from longrope2.rope.scaling import METHODS, RopeScaling
 
 FAILURES: list[str] = []
 

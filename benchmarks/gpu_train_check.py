@@ -27,7 +27,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from longrope2.data import rows
 from longrope2.lm import losses
-from longrope2.rope.scaling import RopeFacts, RopeScaling
+from longrope2.rope.hf_config import RopeFacts
+from longrope2.rope.scaling import RopeScaling
 from longrope2.training import mixed
 from longrope2.training.step import ChunkedLossLM
 

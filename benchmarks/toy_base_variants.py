@@ -24,7 +24,8 @@ from longrope2.core.config import compose_config
 from longrope2.data import corpus
 from longrope2.evolution import fitness
 from longrope2.rope import factors as rope
-from longrope2.rope.scaling import RopeScaling, rope_facts_from_hf_config
+from longrope2.rope.hf_config import rope_facts_from_hf_config
+from longrope2.rope.scaling import RopeScaling
 from longrope2.toy import data, pretraining
 from longrope2.toy import gate as gate_
 from longrope2.toy import settings as settings_

@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
-# Longest first under `pytest -n 2 --dist loadfile` (make test): the toy DAG file, then the slurm and smoke
+# Longest first under `pytest -n 3 --dist loadfile` (make test): the toy DAG file, then the slurm and smoke
 # DAG runs (mostly waiting on jobs), then the rest fills the other worker.
 LONG_FIRST = ("tests/test_toy_pipeline.py", "tests/test_slurm.py", "tests/test_workflow.py",
               "tests/test_conformance.py")

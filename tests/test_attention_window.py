@@ -68,8 +68,10 @@ def test_the_window_hides_the_start_unless_lifted(phi3_dir):
 
 
 def test_search_train_and_evaluate_load_the_model_with_the_window_lifted(phi3_dir, tmp_path):
+    # model.head_dim=null: read from the tiny checkpoint (the preset declares Phi-3-mini's 96)
     cfg = compose_config(["experiment=phi3_mini_128k", f"model.path={phi3_dir}", f"model.train_len={TRAIN_LEN}",
-                          f"target_len={TARGET_LEN}", f"out_dir={tmp_path}", "tracking.enabled=false"])
+                          "model.head_dim=null", f"target_len={TARGET_LEN}", f"out_dir={tmp_path}",
+                          "tracking.enabled=false"])
     model, facts = load_base_model(cfg, torch.float32, torch.device("cpu"), "sdpa")  # as the search loads it
     assert model.config.sliding_window is None and facts.train_len == TRAIN_LEN
     assert _start_is_visible(model)  # under the search's own (original) RoPE

@@ -1,6 +1,7 @@
 """eval.backend = vllm without vLLM installed: the lm-eval model arguments of each paper preset, the version
 check, the checkpoint folders vLLM would load (the base's original RoPE, a method's factors training-free), the
-LongBench path on the same backend, and the config errors."""
+engines a `longrope` checkpoint runs on (one per factor regime: which factors each RULER cell and the short tasks
+get), the LongBench path on the same backend, and the config errors."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 import math
 import shutil
 from importlib import metadata
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,8 +20,9 @@ from longrope2 import evaluate
 from longrope2.core import checks
 from longrope2.core.config import compose_config
 from longrope2.core.errors import ConfigError
-from longrope2.evaluation import backends, suites
-from longrope2.rope.scaling import RopeScaling, rope_facts_from_hf_config
+from longrope2.evaluation import backends, ruler, suites
+from longrope2.rope.hf_config import rope_facts_from_hf_config
+from longrope2.rope.scaling import RopeScaling
 
 PRESETS = ("llama3_8b_128k", "phi3_mini_128k", "phi4_mini_128k")
 
@@ -114,7 +117,7 @@ def _tuned(toy_model_dir, tmp_path, attention_factor=None, name="tuned"):
 def test_a_fine_tuned_checkpoint_is_loaded_as_exported(toy_model_dir, tmp_path):
     path = _tuned(toy_model_dir, tmp_path)
     model = backends.prepare_checkpoint(str(path), 256, 256, tmp_path / "scratch", original_rope=False)
-    assert model == backends.VllmModel(str(path), "longrope", ())
+    assert model == backends.VllmModel(str(path), "longrope", (), switch_len=64)  # its L_train
     assert not (tmp_path / "scratch").exists()
     with pytest.raises(ConfigError, match="max_model_len 512 > max_position_embeddings 256"):
         backends.prepare_checkpoint(str(path), 256, 512, tmp_path / "scratch", original_rope=False)
@@ -201,8 +204,8 @@ def test_longbench_runs_on_the_same_backend(toy_model_dir, tmp_path, monkeypatch
                           "eval.longbench.tasks=[triviaqa]", "eval.longbench.max_length=128"])
     fake, built = FakeVllm({32: "William Shakespeare"}), []
 
-    def harness(model, cfg_, suite, add_bos_token):
-        built.append((model.path, suite, backends.vllm_model_args(cfg_, model.path, suite, add_bos_token)))
+    def harness(model, cfg_, suite, add_bos_token, length):
+        built.append((model.path, suite, backends.vllm_model_args(cfg_, model.path, suite, add_bos_token, length)))
         return fake
 
     monkeypatch.setattr(backends, "vllm_harness", harness)
@@ -224,8 +227,180 @@ def test_longbench_runs_on_the_same_backend(toy_model_dir, tmp_path, monkeypatch
 def test_lm_eval_suites_get_the_vllm_model_on_that_backend(monkeypatch):
     cfg = compose_config(["experiment=phi3_mini_128k"])
     seen = []
-    monkeypatch.setattr(backends, "vllm_harness", lambda model, cfg_, suite, add_bos_token: seen.append(suite) or 1)
+
+    def harness(model, cfg_, suite, add_bos_token, length):
+        seen.append((suite, length))
+        return 1
+
+    monkeypatch.setattr(backends, "vllm_harness", harness)
     tokenizer = OmegaConf.create({"bos_token_id": 1})
     for suite in ("ruler", "short"):
-        assert suites.suite_harness(cfg, backends.VllmModel("/m", "default"), tokenizer, suite, 10) == 1
-    assert seen == ["ruler", "short"]
+        ((engine, lengths),) = suites.suite_engines(cfg, backends.VllmModel("/m", "default"), tokenizer, suite,
+                                                    [4096, 8192], 10)
+        with engine() as lm:
+            assert lm == 1 and lengths == [4096, 8192]
+    assert seen == [("ruler", 8192), ("short", 8192)]
+
+
+def _fake_vllm_engines(monkeypatch, events):
+    """lm-eval's VLLM replaced by a stand-in that takes, from its arguments, the factors vLLM >= 0.11.1's LongRoPE
+    takes (Phi3LongRoPEScaledRotaryEmbedding: the long ones iff max_model_len > original_max_position_embeddings,
+    for the whole engine); events: each engine's start and shutdown, with its max_model_len."""
+    import sys
+    import types
+
+    class VLLM:
+        def __init__(self, **kwargs):
+            self.kwargs, length = kwargs, kwargs["max_model_len"]
+            rope = json.loads((Path(kwargs["pretrained"]) / "config.json").read_text())["rope_parameters"]
+            if rope["rope_type"] != "longrope":
+                self.factors = rope["rope_type"]
+            else:
+                long = length > rope["original_max_position_embeddings"]
+                self.factors = rope["long_factor" if long else "short_factor"]
+            core = types.SimpleNamespace(shutdown=lambda: events.append(("shutdown", length)))
+            self.model = types.SimpleNamespace(llm_engine=types.SimpleNamespace(engine_core=core))
+            events.append(("start", length))
+
+    module = types.ModuleType("lm_eval.models.vllm_causallms")
+    module.VLLM = VLLM
+    monkeypatch.setitem(sys.modules, "lm_eval.models.vllm_causallms", module)
+    real = metadata.version
+    monkeypatch.setattr(metadata, "version", lambda name: "0.11.1" if name == "vllm" else real(name))
+
+
+def _fake_simple_evaluate(monkeypatch, runs):
+    """lm_eval.simple_evaluate replaced: records (the model, its tasks) and answers every RULER sample with its
+    first reference (a short task: acc 1)."""
+    import lm_eval
+
+    def simple_evaluate(model, tasks, **kwargs):
+        runs.append((model, [t["task"] if isinstance(t, dict) else t for t in tasks]))
+        samples = {t["task"]: [{"doc": doc, "filtered_resps": [[doc["outputs"][0]]]}
+                               for doc in ruler.read_jsonl(t["dataset_kwargs"]["data_files"]["test"])]
+                   for t in tasks if isinstance(t, dict)}
+        return {"samples": samples, "results": {t: {"acc,none": 1.0} for t in tasks if isinstance(t, str)}}
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", simple_evaluate)
+
+
+RULER_TASKS, RULER_LENGTHS = ("niah_single_1", "vt"), (32, 64, 128, 256)
+
+
+def _ruler_setup(tmp_path):
+    """The config (L_train 64, L 256; RULER at 32..256, the short tasks' window 64) and RULER data for it."""
+    data = tmp_path / "eval_data"
+    (data / "ruler").mkdir(parents=True)
+    manifest = {"tasks": {t: {} for t in RULER_TASKS}}
+    for task in RULER_TASKS:
+        for length in RULER_LENGTHS:
+            rows = [{"task": task, "index": i, "input": f"{task} {length} {i}", "gen_prefix": "",
+                     "outputs": [f"{i}{length}"], "length": length - 8, "max_length": length,
+                     "max_new_tokens": 8} for i in range(2)]
+            ruler.write_jsonl(data / "ruler" / f"{task}-{length}.jsonl", rows)
+            manifest["tasks"][task][str(length)] = {"file": f"{task}-{length}.jsonl", "mean_tokens": length - 8}
+    (data / "ruler.json").write_text(json.dumps(manifest))
+    return _ruler_config(), data
+
+
+def _ruler_config(window=64):
+    return compose_config(["experiment=llama3_8b_128k", "target_len=256", "model.train_len=64", "eval.variant=base",
+                           f"eval.ruler.tasks=[{','.join(RULER_TASKS)}]",
+                           f"eval.ruler.lengths=[{','.join(map(str, RULER_LENGTHS))}]", f"eval.short.window={window}",
+                           "eval.short.tasks=[{name: toy_short_needle, metric: 'acc,none'}]"])
+
+
+def _yarn(config):
+    return RopeScaling.yarn(dataclasses.replace(rope_facts_from_hf_config(config), train_len=64), 256)
+
+
+def _longrope(config):
+    """A training-free LongRoPE row's scaling on the toy (64 -> 256; short factors ones)."""
+    facts = dataclasses.replace(rope_facts_from_hf_config(config), train_len=64)
+    return RopeScaling.longrope(facts, 256, torch.linspace(1.0, 4.0, facts.rotary_dim // 2))
+
+
+def _run_ruler(cfg, model, tokenizer, data, out):
+    out.mkdir(parents=True)
+    summary = suites.eval_ruler(cfg, model, tokenizer, data, out)
+    return summary, (out / "predictions.jsonl").read_text()
+
+
+@pytest.fixture
+def engines(toy_model_dir, tmp_path, monkeypatch):
+    """The RULER set-up at L_train 64 with lm-eval's VLLM and simple_evaluate faked: events (engine starts and
+    shutdowns) and runs ((engine, its tasks) per simple_evaluate) recorded."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    cfg, data = _ruler_setup(tmp_path)
+    env = SimpleNamespace(cfg=cfg, data=data, tokenizer=AutoTokenizer.from_pretrained(toy_model_dir), events=[],
+                          runs=[], tmp=tmp_path)
+    _fake_vllm_engines(monkeypatch, env.events)
+    _fake_simple_evaluate(monkeypatch, env.runs)
+    return env
+
+
+def _longrope_checkpoint(kind, toy_model_dir, tmp_path):
+    """A `longrope` checkpoint as prepare_checkpoint gives it to vLLM: a fine-tuned variant's export, or the base
+    under LongRoPE's factors training-free (a scratch config); and its rope_parameters as written."""
+    if kind == "exported":
+        model = backends.prepare_checkpoint(str(_tuned(toy_model_dir, tmp_path)), 256, 256, tmp_path / "t",
+                                            original_rope=False)
+    else:
+        model = backends.prepare_checkpoint(str(toy_model_dir), 256, 256, tmp_path / "t", original_rope=True,
+                                            scaling=_longrope)
+    rope = json.loads((Path(model.path) / "config.json").read_text())["rope_parameters"]
+    assert model.rope_type == "longrope" and rope["original_max_position_embeddings"] == 64
+    assert rope["short_factor"] != rope["long_factor"]
+    return model, rope
+
+
+@pytest.mark.parametrize("kind", ["exported", "training_free"])
+def test_a_longrope_checkpoint_runs_each_ruler_cell_on_the_factors_of_its_length(engines, toy_model_dir, kind):
+    """Two vLLM engines, in turn: the RULER cells at lengths <= L_train (64) on one whose max_model_len (64)
+    keeps vLLM's LongRoPE on the short factors, the longer cells on one (256) with the long factors, as the hf
+    path's per-forward switch gives them; the first engine is shut down before the second starts."""
+    model, rope = _longrope_checkpoint(kind, toy_model_dir, engines.tmp)
+    _run_ruler(engines.cfg, model, engines.tokenizer, engines.data, engines.tmp / "out")
+    factors = {task: lm.factors for lm, tasks in engines.runs for task in tasks}
+    assert factors == {f"ruler_{t}_{n}": rope["short_factor" if n <= 64 else "long_factor"]
+                       for t in RULER_TASKS for n in RULER_LENGTHS}
+    assert engines.events == [("start", 64), ("shutdown", 64), ("start", 256), ("shutdown", 256)]
+    assert {lm.kwargs["pretrained"] for lm, _ in engines.runs} == {model.path} and model.switch_len == 64
+
+
+def test_the_short_tasks_get_the_factors_of_their_window(engines, toy_model_dir):
+    """One engine of max_model_len eval.short.window: the short factors within L_train, the long ones beyond."""
+    model, rope = _longrope_checkpoint("exported", toy_model_dir, engines.tmp)
+    assert suites.eval_short(engines.cfg, model, engines.tokenizer, engines.data, engines.tmp)["average"] == 1.0
+    suites.eval_short(_ruler_config(window=128), model, engines.tokenizer, engines.data, engines.tmp)
+    assert [(lm.factors, tasks) for lm, tasks in engines.runs] == [(rope["short_factor"], ["toy_short_needle"]),
+                                                                   (rope["long_factor"], ["toy_short_needle"])]
+    assert engines.events == [("start", 64), ("shutdown", 64), ("start", 128), ("shutdown", 128)]
+
+
+@pytest.mark.parametrize("scaling", [_yarn, None], ids=["yarn", "base"])
+def test_static_factors_and_the_original_rope_keep_one_engine(engines, toy_model_dir, scaling):
+    model = backends.prepare_checkpoint(str(toy_model_dir), 256, 256, engines.tmp / "m", original_rope=True,
+                                        scaling=scaling)
+    assert model.switch_len is None
+    _run_ruler(engines.cfg, model, engines.tokenizer, engines.data, engines.tmp / "out")
+    assert engines.events == [("start", 256), ("shutdown", 256)]
+    ((lm, tasks),) = engines.runs
+    assert lm.factors == ("yarn" if scaling else "default") and len(tasks) == len(RULER_TASKS) * len(RULER_LENGTHS)
+
+
+def test_the_two_engines_results_merge_into_the_single_run_result(engines, toy_model_dir, monkeypatch):
+    """The RULER result and predictions of the two vLLM runs are those of one run over every cell (the hf path:
+    one HFLM), format and content."""
+    model, _ = _longrope_checkpoint("exported", toy_model_dir, engines.tmp)
+    result, predictions = _run_ruler(engines.cfg, model, engines.tokenizer, engines.data, engines.tmp / "vllm")
+    assert len(engines.runs) == 2
+    engines.runs.clear()
+    monkeypatch.setattr(suites, "harness", lambda model, tok, max_length, batch_size: ("hf", max_length))
+    hf = _run_ruler(engines.cfg, object(), engines.tokenizer, engines.data, engines.tmp / "hf")
+    assert hf == (result, predictions)
+    assert [(lm, len(tasks)) for lm, tasks in engines.runs] == [(("hf", 256 + 128), 8)]
+    assert result["lengths"] == list(RULER_LENGTHS) and set(result["average"].values()) == {100.0}

@@ -25,7 +25,8 @@ def test_every_experiment_composes(experiment):
 
 
 def test_experiment_list_is_the_conf_folder():
-    assert set(EXPERIMENTS) == set(available("experiment"))
+    # experiment=extend composes only with a checkpoint (model.path) and target_len: tests/test_extend.py
+    assert set(EXPERIMENTS) | {"extend"} == set(available("experiment"))
 
 
 @pytest.mark.parametrize(
@@ -65,8 +66,8 @@ def test_interpolations_follow_overrides():
     ("overrides", "message"),
     [
         (["experiment=nope"],
-         "experiment='nope' is not a known experiment; accepted: llama3_8b_128k, phi3_mini_128k, phi4_mini_128k, "
-         "smoke, smollm2_16k, toy, toy_ablations, toy_seeds"),
+         "experiment='nope' is not a known experiment; accepted: extend, llama3_8b_128k, phi3_mini_128k, "
+         "phi4_mini_128k, smoke, smollm2_16k, toy, toy_ablations, toy_seeds"),
         (["target_len=128"],
          "target_len = 128: accepted: a length > model.train_len = 128"),
         (["experiment=llama3_8b_128k", "target_len=4096"],
@@ -89,7 +90,8 @@ def test_interpolations_follow_overrides():
         (["seeds=[0,0]"], "seeds = [0, 0]: accepted: a list without repeated items"),
         (["seeds=[0,1]", "run_seed=2"], "run_seed = 2: accepted: null or one of seeds = [0, 1]"),
         (["model=nope"],
-         "model='nope' is not a known model; accepted: llama3_8b, phi3_mini, phi4_mini, smollm2_135m, toy"),
+         "model='nope' is not a known model; accepted: checkpoint, llama3_8b, phi3_mini, phi4_mini, smollm2_135m, "
+         "toy"),
         (["search=nope"], "search='nope' is not a known search; accepted: paper, reference"),
         (["search.preset=reference"],
          "search.preset='reference': the preset is the config group `search`; select it with search=reference "

@@ -17,7 +17,8 @@ from longrope2 import eval_data, evaluate
 from longrope2.core.config import compose_config
 from longrope2.core.errors import ConfigError
 from longrope2.evaluation import suites
-from longrope2.rope.scaling import RopeScaling, rope_facts_from_hf_config
+from longrope2.rope.hf_config import rope_facts_from_hf_config
+from longrope2.rope.scaling import RopeScaling
 
 TRIVIAQA = {"input": "Who wrote Hamlet?", "context": "Passage: Hamlet is a play by William Shakespeare. " * 20,
             "answers": ["William Shakespeare"], "length": 200, "dataset": "triviaqa", "language": "en",

@@ -13,7 +13,8 @@ from longrope2.data.corpus import generate_documents
 from longrope2.data.needles import NeedleTemplate, build_needle_sample
 from longrope2.evolution import fitness
 from longrope2.lm import losses
-from longrope2.rope.scaling import RopeScaling, rope_facts_from_hf_config
+from longrope2.rope.hf_config import rope_facts_from_hf_config
+from longrope2.rope.scaling import RopeScaling
 from longrope2.toy.data import encode_stream
 
 L = 256  # 4x the toy model's window of 64

@@ -12,7 +12,8 @@ import torch
 from longrope2.core.config import REPO_ROOT
 from longrope2.rope import factors as rope
 from longrope2.rope import methods
-from longrope2.rope.scaling import RopeFacts, RopeScaling
+from longrope2.rope.hf_config import RopeFacts
+from longrope2.rope.scaling import RopeScaling
 
 FACTS = RopeFacts(rope_theta=10_000.0, head_dim=32, train_len=128)  # the toy: D = 16, d_tcd = 6
 L = 1024

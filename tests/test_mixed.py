@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM
 from longrope2.data import rows as rows_
 from longrope2.lm import losses
 from longrope2.rope import factors as rope
-from longrope2.rope.scaling import RopeScaling, rope_facts_from_hf_config
+from longrope2.rope.hf_config import rope_facts_from_hf_config
+from longrope2.rope.scaling import RopeScaling
 from longrope2.training import mixed
 
 TRAIN_LEN = 64  # the toy_model_dir fixture's window

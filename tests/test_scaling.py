@@ -12,13 +12,8 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
 
 from longrope2.rope import factors as rope
-from longrope2.rope.scaling import (
-    METHODS,
-    RopeConfigError,
-    RopeFacts,
-    RopeScaling,
-    rope_facts_from_hf_config,
-)
+from longrope2.rope.hf_config import RopeConfigError, RopeFacts, rope_facts_from_hf_config
+from longrope2.rope.scaling import METHODS, RopeScaling
 
 
 @pytest.fixture(autouse=True, scope="module")

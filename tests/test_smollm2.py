@@ -12,7 +12,8 @@ from longrope2.core.config import compose_config
 from longrope2.core.errors import ConfigError
 from longrope2.rope import factors as rope
 from longrope2.rope import methods
-from longrope2.rope.scaling import RopeFacts, RopeScaling
+from longrope2.rope.hf_config import RopeFacts
+from longrope2.rope.scaling import RopeScaling
 
 SMOLLM2 = RopeFacts(rope_theta=100_000.0, head_dim=64, train_len=8192)
 

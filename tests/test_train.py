@@ -21,11 +21,8 @@ from longrope2.core.config import compose_config
 from longrope2.core.errors import ConfigError
 from longrope2.evolution import fitness
 from longrope2.rope import methods
-from longrope2.rope.scaling import (
-    RopeScaling,
-    rope_facts_from_hf_config,
-    rotary_modules,
-)
+from longrope2.rope.hf_config import rope_facts_from_hf_config
+from longrope2.rope.scaling import RopeScaling, rotary_modules
 from longrope2.training import mixed, parallel
 from longrope2.training import step as step_
 

@@ -112,7 +112,7 @@ def test_run_seed_is_the_workflows_to_set(tmp_path):
 def test_unknown_experiment_names_the_choices(tmp_path):
     proc = run_snakemake("-n", "--config", "experiment=llama4", cwd=tmp_path)
     assert proc.returncode != 0
-    assert ("experiment='llama4' is not a known experiment; accepted: llama3_8b_128k, phi3_mini_128k, "
+    assert ("experiment='llama4' is not a known experiment; accepted: extend, llama3_8b_128k, phi3_mini_128k, "
             "phi4_mini_128k, smoke, smollm2_16k, toy, toy_ablations, toy_seeds") in proc.stderr + proc.stdout
 
 

@@ -2,6 +2,7 @@
 
     longrope2 critical-dim --head-dim 128 --rope-base 500000 --train-len 8192 --target-len 131072
     longrope2 critical-dim --config path/to/config.json [--train-len N] [--target-len N] [--json]
+    longrope2 critical-dim --model /models/Qwen3-8B --target-len 131072
     longrope2 factors --method ntk --head-dim 128 --rope-base 500000 --train-len 8192 --target-len 131072
     longrope2 factors --method longrope2 --config config.json --search-result search/longrope2/result.json
 """
@@ -16,7 +17,7 @@ from typing import Any
 
 from longrope2.rope import factors as rope
 from longrope2.rope import methods
-from longrope2.rope.scaling import RopeConfigError, RopeFacts, rope_facts_from_hf_config
+from longrope2.rope.hf_config import RopeConfigError, RopeFacts, rope_facts_from_hf_config
 
 
 def _positive_int(text: str) -> int:
@@ -42,7 +43,9 @@ def _positive_float(text: str) -> float:
 def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
     """RoPE facts from --config and/or the explicit options (options win)."""
     facts: dict[str, Any] = {}
-    if args.config is not None:
+    if getattr(args, "model", None) is not None:
+        facts = _model_facts(args.model, parser)
+    elif args.config is not None:
         try:
             cfg = json.loads(Path(args.config).read_text())
             if not isinstance(cfg, dict):
@@ -70,6 +73,24 @@ def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[
     return facts
 
 
+def _model_facts(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """The facts of a checkpoint folder (or a cached hub id), read and refused as experiment=extend does."""
+    from longrope2.core.checkpoint import ACCEPTED_PATHS, checkpoint_facts, read_checkpoint_config
+    from longrope2.core.errors import ConfigError
+
+    try:
+        hf = read_checkpoint_config(path)
+        if hf is None:
+            raise ConfigError(f"model.path = {path!r}: no config.json found; accepted: {ACCEPTED_PATHS}")
+        f = checkpoint_facts(path, hf)
+    except ConfigError as e:
+        parser.error(f"--model {path}: {e}")
+    max_pos = hf.get("max_position_embeddings") or (hf.get("text_config") or {}).get("max_position_embeddings")
+    return {"head_dim": f["head_dim"], "rope_base": f["rope_theta"], "partial_rotary_factor": f["partial_rotary_factor"],
+            "train_len": f["train_len"], "target_len": max_pos, "window_source": f["window_source"],
+            "shipped_rope": f["shipped_rope"]}
+
+
 def _print_human(r: dict[str, Any]) -> None:
     L_train, L = r["train_len"], r["target_len"]
     print(f"rotary dim d = {r['rotary_dim']} (head_dim {r['head_dim']} x partial_rotary_factor "
@@ -87,8 +108,11 @@ def _print_human(r: dict[str, Any]) -> None:
         print(f"{i:>4} {T:>14.1f} {T / L_train:>12.4f} {T / L:>10.4f}  {note.strip()}")
 
 
-def _facts_options(p: argparse.ArgumentParser) -> None:
+def _facts_options(p: argparse.ArgumentParser, model: bool = False) -> None:
     p.add_argument("--config", help="a Hugging Face config.json to read the RoPE facts from")
+    if model:
+        p.add_argument("--model", help="a checkpoint folder (or a hub id in the local cache): its config.json's RoPE "
+                                       "facts, shipped scaling and pretrained window, as experiment=extend reads them")
     p.add_argument("--head-dim", type=_positive_int, help="attention head dim (positive integer)")
     p.add_argument("--rope-base", type=_positive_float, help="RoPE base / rope_theta (positive number)")
     p.add_argument("--partial-rotary-factor", type=_positive_float, help="rotated fraction of head_dim (default 1.0)")
@@ -105,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("critical-dim", help="critical dimensions, search range and periods of a model's RoPE",
                        description="Theoretical critical dim d_tcd, d10_tcd, search range, s, attention factor "
                                    "and the period of every RoPE dimension against L_train and L.")
-    _facts_options(p)
+    _facts_options(p, model=True)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.set_defaults(handler=_critical_dim, parser=p)
     f = sub.add_parser("factors", help="a method's RoPE rescaling factors for a model's RoPE facts, as JSON",
@@ -156,10 +180,15 @@ def _critical_dim(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     f = _resolve(args, parser)
     report = rope.critical_dim_report(f["head_dim"], f["rope_base"], f["train_len"], f["target_len"],
                                  f["partial_rotary_factor"])
+    if "window_source" in f:
+        report.update(model=args.model, shipped_rope=f["shipped_rope"], train_len_source=f["window_source"])
     if args.json:
         print(json.dumps(report))
-    else:
-        _print_human(report)
+        return 0
+    if "window_source" in f:
+        print(f"{args.model}: L_train from {f['window_source']}; shipped RoPE scaling: {f['shipped_rope'] or 'none'}"
+              + (" (dropped: the analysis is of the original RoPE)" if f["shipped_rope"] else ""))
+    _print_human(report)
     return 0
 
 

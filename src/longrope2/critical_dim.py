@@ -23,7 +23,7 @@ from longrope2.core.outputs import write_json
 from longrope2.core.tracking import stage_run
 from longrope2.reporting.figures import plot_periods
 from longrope2.rope import factors as rope
-from longrope2.rope.scaling import RopeFacts, rope_facts_from_hf_config
+from longrope2.rope.hf_config import RopeFacts, rope_facts_from_hf_config
 
 
 def load_model_facts(cfg: DictConfig) -> RopeFacts:
@@ -58,7 +58,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         facts = load_model_facts(cfg)
         summary = rope.critical_dim_report(facts.head_dim, facts.rope_theta, int(cfg.model.train_len),
                                            int(cfg.target_len), facts.partial_rotary_factor)
-        summary["model"] = {"name": str(cfg.model.name), "path": str(cfg.model.path)}
+        summary["model"] = {"name": str(cfg.model.name), "path": str(cfg.model.path),
+                            "shipped_rope": None if facts.rope_type == "default" else facts.rope_type}
         plot_periods(summary, f"{cfg.model.name}: RoPE periods", out / "periods.png")
         write_json(out / "critical_dim.json", summary)
         tracker.log_metrics({k: summary[k] for k in ("d_tcd", "d10_tcd", "extension_ratio", "attention_factor")})

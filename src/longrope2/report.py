@@ -1,7 +1,8 @@
 """Stage `report`: the evaluations as the paper's tables and figures, next to the paper's numbers.
 
-In:  <suite>.json of every evaluated variant and suite (stage evaluate): eval/base/<suite>/ and, for each
-     seed k of `seeds` and method, seed<k>/eval/<method>/<suite>/; seed<k>/train/<method>/{train.json,
+In:  <suite>.json of every evaluated variant and suite (stage evaluate): eval/base/<suite>/, eval/shipped/<suite>/
+     (the maker's own RoPE scaling, where the experiment has it) and, for each seed k of `seeds` and method,
+     seed<k>/eval/<method>/<suite>/; seed<k>/train/<method>/{train.json,
      loss.png}, seed<k>/search/<search>/*.png, critical_dim/periods.png. With several seeds every number
      of a fine-tuned method is its mean ± std over the seeds (the base is one model). report.paper names
      the paper model whose numbers stand beside ours (null for the toy); report.table2_suite the suite
@@ -24,7 +25,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from longrope2.core.artifacts import BASE, eval_dir, eval_variants
+from longrope2.core.artifacts import BASE, SHIPPED, eval_dir, eval_variants
+from longrope2.core.checkpoint import checkpoint_facts, maker_rope, read_checkpoint_config
 from longrope2.core.config import hydra_stage, run_dir
 from longrope2.core.outputs import atomic_dir
 from longrope2.core.tracking import stage_run
@@ -51,7 +53,8 @@ from longrope2.rope import methods
 def copy_figures(cfg: DictConfig, out: Path) -> list[str]:
     """The figures a reader wants next to the tables, from the stages that made them."""
     sources = {"periods.png": Path(cfg.out_dir) / "critical_dim" / "periods.png",
-               f"niah_{BASE}.png": eval_dir(cfg, BASE, "niah") / "niah.png"}
+               **{f"niah_{v}.png": eval_dir(cfg, v, "niah") / "niah.png" for v in (BASE, SHIPPED)
+                  if v in eval_variants(cfg)}}
     several = len(seeds(cfg)) > 1
     for k in seeds(cfg):
         tag, root = (f"_seed{k}" if several else ""), run_dir(cfg, k)
@@ -73,16 +76,37 @@ def seed_line(cfg: DictConfig) -> str:
     if len(seeds(cfg)) == 1:
         return f"seed {seeds(cfg)[0]}"
     return (f"seeds {', '.join(map(str, seeds(cfg)))}: each fine-tuned method's numbers are mean ± std over them "
-            f"(the base model, seed {cfg.seed}, is one model)")
+            f"(the base model{' and shipped' if maker_rope(cfg) else ''}, seed {cfg.seed}, is one model)")
+
+
+def shipped_line(cfg: DictConfig) -> str:
+    """What RoPE scaling the checkpoint ships, that the base rows drop it, and the shipped row's scaling."""
+    hf = None if cfg.model.pretrain.enabled else read_checkpoint_config(str(cfg.model.path))
+    shipped = None if hf is None else checkpoint_facts(str(cfg.model.path), hf)["shipped_rope"]
+    maker = maker_rope(cfg)
+    if shipped is None:
+        line = "The checkpoint ships no RoPE scaling: its RoPE is the original one."
+    else:
+        line = (f"The checkpoint ships RoPE scaling `{shipped}`; the base and training-free rows drop it (the original "
+                "RoPE), every method starts from the original RoPE.")
+    if maker is not None:
+        how = ("as it ships it" if maker.shipped else "as its maker recommends it ("
+               + ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
+                           for k, v in maker.rope_parameters.items() if k != "rope_type") + ")")
+        line += (f" The `{SHIPPED}` row is the checkpoint, not fine-tuned, with its maker's `{maker.rope_type}` "
+                 f"scaling {how} (our addition, not in the paper; eval.shipped=false drops it).")
+    return line
 
 
 def report_markdown(cfg: DictConfig, built: list[tables.Table], figures: list[str]) -> str:
     lines = [f"# {cfg.experiment_name}: LongRoPE2 evaluation report", "",
              f"Model: {cfg.model.name} ({cfg.model.path}); L_train {cfg.model.train_len} -> L {cfg.target_len}; "
              f"{seed_line(cfg)}. Variants: {', '.join(eval_variants(cfg))} (base = original RoPE; "
-             "'(training-free)': a method's factors on the base, not fine-tuned).", "", regime_line(cfg), ""]
+             + (f"{SHIPPED} = the maker's own RoPE scaling, not fine-tuned; " if maker_rope(cfg) else "")
+             + "'(training-free)': a method's factors on the base, not fine-tuned). " + shipped_line(cfg), "",
+             regime_line(cfg), ""]
     if cfg.report.paper is None:
-        lines += ["No paper numbers beside these (report.paper is null: the paper has no toy).", ""]
+        lines += ["No paper numbers beside these (report.paper is null: the paper has no tables for this model).", ""]
     for table in built:
         lines += [tables.to_markdown(table)]
     lines += ["## Figures", ""] + [f"![{name}]({name})" for name in figures]

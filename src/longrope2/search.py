@@ -59,7 +59,8 @@ from longrope2.lm.loading import load_base_model, stage_dtype
 from longrope2.reporting.figures import plot_convergence, plot_factors
 from longrope2.rope import factors as rope
 from longrope2.rope import methods
-from longrope2.rope.scaling import RopeFacts, RopeScaling
+from longrope2.rope.hf_config import RopeFacts
+from longrope2.rope.scaling import RopeScaling
 
 # --------------------------------------------------------------------------- inputs
 

@@ -67,7 +67,8 @@ from longrope2.data.rows import Rows
 from longrope2.lm.loading import load_base_model, load_tokenizer
 from longrope2.reporting.figures import plot_loss
 from longrope2.rope import methods
-from longrope2.rope.scaling import RopeFacts, RopeScaling
+from longrope2.rope.hf_config import RopeFacts
+from longrope2.rope.scaling import RopeScaling
 from longrope2.training.checkpoint import (
     export_model,
     latest_checkpoint,

@@ -6,7 +6,8 @@ import sys
 from snakemake.exceptions import WorkflowError
 
 from longrope2.core import launch, tracking
-from longrope2.core.artifacts import BASE as BASE_VARIANT
+from longrope2.core.artifacts import BASE as BASE_VARIANT, SHIPPED as SHIPPED_VARIANT
+from longrope2.core.checkpoint import maker_rope
 from longrope2.core.config import compose_config, overrides_from_snakemake, to_dict
 from longrope2.core.errors import ConfigError
 from longrope2.rope.methods import searches_for, spec as method_spec
@@ -34,8 +35,13 @@ PRETRAIN = bool(CFG.model.pretrain.enabled)
 METHODS = list(CFG.methods)
 SEARCHES = searches_for(METHODS)
 SEARCHES += [s for s in CFG.searches if s not in SEARCHES]  # runs no method needs (config `searches`)
-# Evaluated: the original model (BASE_VARIANT, rule evaluate_base) and every fine-tuned method, per suite.
+# Evaluated: the original model (BASE_VARIANT, rule evaluate_base), the checkpoint with its maker's own RoPE
+# scaling where the experiment has one (SHIPPED_VARIANT, rule evaluate_shipped; eval.shipped = auto) and every
+# fine-tuned method, per suite.
 EVAL_SUITES = list(CFG.eval.suites)
+# The shipped variant's RoPE (core.checkpoint.maker_rope): the checkpoint's own scaling or its maker's
+# recommended one; None: no such variant, no rule evaluate_shipped.
+MAKER_ROPE = maker_rope(CFG)
 
 
 # Rule priority of the jobs the rest waits on (pretrain, data, search, train, the base's evaluations):
@@ -58,10 +64,17 @@ def stage_cmd(stage, processes=1, extra=""):
     return f"{cmd} 2>&1 | tee {{log}}".replace("  ", " ")
 
 
-def stage_params(*keys):
+def stage_params(*keys, drop=()):
     """The resolved config sections a rule depends on (dotted keys for sub-sections): editing
-    them reruns the rule, editing other sections does not."""
+    them reruns the rule, editing other sections does not. drop: dotted keys inside them the rule
+    does not read (editing them reruns nothing)."""
     data = to_dict(CFG)
+    for key in drop:
+        *parents, last = key.split(".")
+        section = data
+        for part in parents:
+            section = section[part]
+        section.pop(last, None)
 
     def get(key):
         value = data

@@ -1,7 +1,7 @@
 # Stages `eval_data` (every suite's data, once per tokenizer) and `evaluate` (one suite on one model, or
 # all of them under eval.jobs = per_variant): RULER, needle in a haystack, LongBench/InfiniteBench, short
-# tasks, perplexity. The base model is evaluated once (evaluate_base); each fine-tuned method once per
-# seed, on the same data.
+# tasks, perplexity. The base model is evaluated once (evaluate_base), and so is the maker's own setting
+# where one exists (evaluate_shipped); each fine-tuned method once per seed, on the same data.
 
 # eval.jobs: a job per suite (wildcard {suite}) or one job per model for all its suites (per_variant).
 PER_SUITE = CFG.eval.jobs == "per_suite"
@@ -28,6 +28,11 @@ def suites_arg(wildcards):
 BASE_EVAL_DIR = f"{OUT}/eval/{BASE_VARIANT}"
 METHOD_EVAL_DIR = f"{SEED_OUT}/eval/{{method}}"
 BASE_EVALUATIONS = [f"{BASE_EVAL_DIR}/{suite}" for suite in EVAL_SUITES]
+# The evaluate rules' config: eval.shipped only decides whether rule evaluate_shipped exists, so switching it
+# reruns no evaluation (and a run from before the key keeps its results).
+EVAL_PARAMS = stage_params("eval", "model", "target_len", "seed", drop=("eval.shipped",))
+SHIPPED_EVAL_DIR = f"{OUT}/eval/{SHIPPED_VARIANT}"
+SHIPPED_EVALUATIONS = [f"{SHIPPED_EVAL_DIR}/{suite}" for suite in EVAL_SUITES] if MAKER_ROPE else []
 EVALUATIONS = expand(f"{METHOD_EVAL_DIR}/{{suite}}", method=METHODS, suite=EVAL_SUITES, seed=SEEDS)
 
 
@@ -62,7 +67,7 @@ rule evaluate_base:
     wildcard_constraints:
         suite="|".join(EVAL_SUITES) or "none",
     params:
-        cfg=stage_params("eval", "model", "target_len", "seed"),
+        cfg=EVAL_PARAMS,
         suites=suites_arg,
     priority: EARLY_PRIORITY
     threads: CFG.resources.evaluate.cpus
@@ -70,6 +75,40 @@ rule evaluate_base:
         **rule_resources("evaluate"),
     shell:
         stage_cmd("evaluate", extra=f"eval.variant={BASE_VARIANT} 'eval.suite={{params.suites}}'")
+
+
+def shipped_inputs(wildcards):
+    """The suite data and, for the short tasks, the base's result (retention); the checkpoint is model.path."""
+    inputs = {"data": rules.eval_data.output[0]}
+    if "short" in job_suites(wildcards):
+        inputs["base_short"] = f"{BASE_EVAL_DIR}/short"
+    return inputs
+
+
+if MAKER_ROPE:
+    # The base checkpoint, not fine-tuned, with its maker's own RoPE scaling (MAKER_ROPE: the one config.json
+    # ships, or the one its maker recommends), evaluated once, shared by every seed. No early priority: no job
+    # but the report waits on it.
+
+    rule evaluate_shipped:
+        input:
+            unpack(shipped_inputs),
+        output:
+            suite_outputs(SHIPPED_EVAL_DIR),
+        log:
+            f"{OUT}/logs/evaluate-{SHIPPED_VARIANT}{SUITE_LOG}.log",
+        wildcard_constraints:
+            suite="|".join(EVAL_SUITES) or "none",
+        params:
+            cfg=EVAL_PARAMS,
+            # the scaling itself (a checkpoint's config.json or the makers' table edited: a rerun)
+            maker_rope=json.dumps(MAKER_ROPE.rope_parameters, sort_keys=True),
+            suites=suites_arg,
+        threads: CFG.resources.evaluate.cpus
+        resources:
+            **rule_resources("evaluate"),
+        shell:
+            stage_cmd("evaluate", extra=f"eval.variant={SHIPPED_VARIANT} 'eval.suite={{params.suites}}'")
 
 
 def evaluate_inputs(wildcards):
@@ -93,7 +132,7 @@ rule evaluate:
         suite="|".join(EVAL_SUITES) or "none",
         seed=seed_constraint(),
     params:
-        cfg=stage_params("eval", "model", "target_len", "seed"),
+        cfg=EVAL_PARAMS,
         suites=suites_arg,
     threads: CFG.resources.evaluate.cpus
     resources:
@@ -140,7 +179,7 @@ if TRAINING_FREE_SUITES:
             method="|".join(METHODS),
             seed=seed_constraint(),
         params:
-            cfg=stage_params("eval", "model", "target_len", "seed"),
+            cfg=EVAL_PARAMS,
             suites="[" + ",".join(TRAINING_FREE_SUITES) + "]",
         threads: CFG.resources.evaluate.cpus
         resources:

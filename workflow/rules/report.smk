@@ -4,6 +4,7 @@
 rule report:
     input:
         base_evaluations=BASE_EVALUATIONS,
+        shipped_evaluations=SHIPPED_EVALUATIONS,
         evaluations=EVALUATIONS,
         training_free=TRAINING_FREE_EVALUATIONS,
         train=expand(rules.train.output, method=METHODS, seed=SEEDS),
@@ -19,8 +20,8 @@ rule report:
     log:
         f"{OUT}/logs/report.log",
     params:
-        cfg=stage_params("report", "methods", "seeds", "eval.suites", "eval.training_free_suites", "model.name",
-                         "model.path", "model.train_len", "target_len", "seed", "train.length_mix"),
+        cfg=stage_params("report", "methods", "seeds", "eval.suites", "eval.training_free_suites", "eval.shipped",
+                         "model.name", "model.path", "model.train_len", "target_len", "seed", "train.length_mix"),
     threads: 1
     resources:
         **rule_resources("report"),

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from longrope2.core.checkpoint import maker_rope
 from longrope2.core.config import run_dir
 from longrope2.core.errors import ConfigError
 from longrope2.rope import methods
@@ -48,8 +49,9 @@ def writer_rule(path: str | Path) -> str | None:
     parts = Path(path).parts
     for i in range(len(parts) - 2, -1, -1):  # the folders holding the file, innermost first
         name = parts[i]
-        if name == "eval" and i + 1 < len(parts) - 1 and parts[i + 1] == "base":
-            return "evaluate_base"  # <out_dir>/eval/base/: the base model's evaluations, shared by the seeds
+        if name == "eval" and i + 1 < len(parts) - 1 and parts[i + 1] in ("base", "shipped"):
+            # <out_dir>/eval/{base,shipped}/: the base checkpoint's evaluations, shared by the seeds
+            return f"evaluate_{parts[i + 1]}"
         if name in SEED_FOLDER_RULES and i > 0 and SEED_FOLDER.fullmatch(parts[i - 1]):
             return SEED_FOLDER_RULES[name]
         if name in FOLDER_RULES:
@@ -143,18 +145,24 @@ def check_model_folder(path: str | Path) -> None:
 
 
 BASE = "base"  # the evaluated variant that is the original model (original RoPE, not fine-tuned)
+# the evaluated variant that is the base checkpoint, not fine-tuned, with its maker's own RoPE scaling (the one
+# it ships, or the one its maker recommends: core.checkpoint.maker_rope); only where one exists
+SHIPPED = "shipped"
+SHARED_VARIANTS = (BASE, SHIPPED)  # evaluated once, shared by every seed: <out_dir>/eval/<variant>/
 
 
 def eval_variants(cfg: DictConfig) -> list[str]:
-    """The evaluated models: the original (base) and every method of the experiment, fine-tuned."""
-    return [BASE, *(str(m) for m in cfg.methods)]
+    """The evaluated models: the original (base), the maker's setting (shipped) where the experiment has one,
+    and every method of the experiment, fine-tuned."""
+    return [BASE, *([SHIPPED] if maker_rope(cfg) is not None else []), *(str(m) for m in cfg.methods)]
 
 
 def eval_dir(cfg: DictConfig, variant: str, suite: str, seed: int | None = None, training_free: bool = False) -> Path:
-    """Where stage evaluate writes one (variant, suite): <out_dir>/eval/base/<suite> for the base model
-    (shared by every seed), <out_dir>/seed<k>/eval/<method>/<suite> for a fine-tuned one (k: seed, or run_seed),
-    <out_dir>/seed<k>/eval_training_free/<method>/<suite> for the method's factors on the base, not fine-tuned."""
-    if variant == BASE:
+    """Where stage evaluate writes one (variant, suite): <out_dir>/eval/{base,shipped}/<suite> for the base
+    checkpoint (shared by every seed), <out_dir>/seed<k>/eval/<method>/<suite> for a fine-tuned one (k: seed, or
+    run_seed), <out_dir>/seed<k>/eval_training_free/<method>/<suite> for the method's factors on the base, not
+    fine-tuned."""
+    if variant in SHARED_VARIANTS:
         return Path(cfg.out_dir) / "eval" / variant / suite
     return run_dir(cfg, seed) / ("eval_training_free" if training_free else "eval") / variant / suite
 

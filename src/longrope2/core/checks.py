@@ -211,11 +211,12 @@ def _train_errors(data: Mapping[str, Any]) -> list[str]:
             if t[key] != value:
                 lines.append(f"train.{key} = {t[key]}: accepted: {value} with train.context_parallel = {cp} "
                              "(PyTorch's context parallelism: FSDP2, ring attention over SDPA, causal only)")
-        length, train_len = data["target_len"], data["model"]["train_len"]
-        if length % (2 * cp) or length <= 2 * train_len:
+        # Any length above L_train: the short/long factors are decided on the whole row before it is
+        # sharded (training.parallel.whole_row_regime), not on each shard's positions.
+        length = data["target_len"]
+        if length % (2 * cp):
             lines.append(f"target_len = {length}: accepted with train.context_parallel = {cp}: a multiple of "
-                         f"2 x {cp} (head-tail shards) above 2 x model.train_len = {2 * train_len} (every shard "
-                         "then holds positions beyond L_train and keeps the long factors)")
+                         f"2 x {cp} (head-tail shards)")
     if t["distributed"] == "fsdp" and t["micro_batch"] != 1:
         lines.append(f"train.micro_batch = {t['micro_batch']}: accepted: 1 with train.distributed = fsdp (FSDP "
                      "gathers weights in every forward pass, so every process must run as many passes; with one "

@@ -25,6 +25,7 @@ from omegaconf.errors import (
 )
 
 from longrope2.core.checks import semantic_errors
+from longrope2.core.checkpoint import fill_model_facts
 from longrope2.core.errors import ConfigError
 
 REPO_ROOT = Path(os.environ.get("LONGROPE2_ROOT", Path(__file__).resolve().parents[3]))
@@ -37,6 +38,29 @@ SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.json"
 
 
 CONFIG_GROUPS = ("model", "data", "search", "train", "eval", "experiment")
+
+
+PAPER_TARGET = 131072  # the paper's L: its evaluation lengths and length buckets scale by L / this (docs/models.md)
+
+
+def paper_lengths(target_len: int) -> list[int]:
+    """The paper's evaluation lengths (4k ... 128k at L = 128k) at L: L/32, L/16, ..., L."""
+    return [int(target_len) >> k for k in range(5, -1, -1)]
+
+
+def paper_length_mix(train_len: int, target_len: int) -> list[dict[str, int]]:
+    """The paper's fine-tuning mix (Table 1: 3B tokens <= L_train, 3B up to 100k, 4B up to 200k at L = 128k), its
+    bucket bounds scaled by L / 128k; a middle bound at or below L_train is dropped (its tokens join the last)."""
+    middle = round(100_000 * int(target_len) / PAPER_TARGET)
+    last = round(200_000 * int(target_len) / PAPER_TARGET)
+    if middle <= int(train_len):
+        return [{"max_len": int(train_len), "tokens": 3_000_000_000}, {"max_len": last, "tokens": 7_000_000_000}]
+    return [{"max_len": int(train_len), "tokens": 3_000_000_000}, {"max_len": middle, "tokens": 3_000_000_000},
+            {"max_len": last, "tokens": 4_000_000_000}]
+
+
+OmegaConf.register_new_resolver("paper_lengths", paper_lengths, replace=True)
+OmegaConf.register_new_resolver("paper_length_mix", paper_length_mix, replace=True)
 
 
 def available(group: str) -> list[str]:
@@ -74,6 +98,7 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
                 "keys of conf/ (see README: configuration), or '+key=value' to add a new one"
             ) from None
         raise ConfigError(f"bad override in {overrides}: {cause}") from None
+    fill_model_facts(cfg)
     validate(cfg)
     return cfg
 
@@ -209,6 +234,7 @@ def hydra_stage(run: Callable[[DictConfig], Any]) -> Callable[[], None]:
     @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")
     def _main(cfg: DictConfig) -> None:
         try:
+            fill_model_facts(cfg)
             validate(cfg)
             run(cfg)
         except ConfigError as err:

@@ -2,16 +2,22 @@
 
 hf:   lm-eval's HFLM around the model loaded in-process (transformers; the RoPE switch per forward).
 vllm: lm-eval's `vllm` model on a checkpoint folder: a fine-tuned variant's exported folder as it is; the
-      base and the training-free rows a scratch folder whose config.json carries the RoPE the hf backend
-      applies in-process (original RoPE / the method's rope_parameters), the other files symlinked.
+      base, the training-free rows and the `shipped` variant's recommended scaling a scratch folder whose
+      config.json carries the RoPE the hf backend applies in-process (original RoPE / the method's / the maker's
+      rope_parameters), the other files symlinked.
+      vLLM (>= VLLM_MIN) gives a LongRoPE engine one factor set, the short factors iff its max_model_len <=
+      original_max_position_embeddings: a `longrope` checkpoint runs on one engine per factor regime (regimes:
+      the samples up to that length on an engine whose max_model_len stays within it, the longer ones on
+      another), as the hf path switches per forward; any other RoPE on one engine.
       niah and ppl score logits of an HF model and need the hf path in any case.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -65,26 +71,45 @@ def max_model_len(cfg: DictConfig, suite: str) -> int:
     return lengths[suite]()
 
 
-def vllm_model_args(cfg: DictConfig, pretrained: str, suite: str, add_bos_token: bool) -> dict[str, Any]:
-    """lm-eval's VLLM arguments for one suite: tensor parallel over the evaluate rule's GPUs, max_model_len
-    the suite's longest sample, greedy runs seeded by the experiment's seed; vLLM schedules the batch. A prompt
-    that overshoots its length (RULER's generators are not exact) loses tokens in its middle, not its BOS."""
+def vllm_model_args(cfg: DictConfig, pretrained: str, suite: str, add_bos_token: bool,
+                    length: int | None = None) -> dict[str, Any]:
+    """lm-eval's VLLM arguments for one engine of a suite: tensor parallel over the evaluate rule's GPUs,
+    max_model_len `length` (the longest sample the engine runs; None: the suite's longest), greedy runs seeded
+    by the experiment's seed; vLLM schedules the batch. A prompt that overshoots its length (RULER's
+    generators are not exact) loses tokens in its middle, not its BOS."""
     gpus = int(cfg.resources.evaluate.gpu)
     if gpus < 1:
         raise ConfigError(f"resources.evaluate.gpu = {gpus} with eval.backend = vllm: accepted: >= 1 "
                           "(vLLM runs on GPUs; eval.backend = hf runs on the CPU)")
+    window = max_model_len(cfg, suite) if length is None else int(length)
     return {"pretrained": pretrained, "tokenizer": pretrained, "dtype": str(cfg.model.dtype),
-            "tensor_parallel_size": gpus, "max_model_len": max_model_len(cfg, suite), "batch_size": "auto",
+            "tensor_parallel_size": gpus, "max_model_len": window, "batch_size": "auto",
             "seed": int(cfg.seed), "add_bos_token": add_bos_token, "truncation_side": "middle"}
 
 
 @dataclasses.dataclass(frozen=True)
 class VllmModel:
-    """What the vllm backend loads: a checkpoint folder and the facts the results record."""
+    """What the vllm backend loads: a checkpoint folder, the facts the results record, and where a `longrope`
+    config's factors switch."""
 
     path: str
     rope_type: str
     changes: tuple[str, ...] = ()
+    # a `longrope` config's original_max_position_embeddings: an engine whose max_model_len is within it gets
+    # the short factors, else the long ones (None: the factors do not depend on the length)
+    switch_len: int | None = None
+
+
+def regimes(model: VllmModel, lengths: Iterable[int]) -> list[list[int]]:
+    """The sample lengths (prompt + generation, as max_model_len counts them) grouped per vLLM engine, each
+    engine's max_model_len its group's largest: for a `longrope` checkpoint the lengths <= switch_len (vLLM:
+    the short factors, as the hf path's switch gives them: max(position_ids) + 1 <= that length) and the
+    longer ones (the long factors), short first; for any other RoPE, one group."""
+    ordered = sorted({int(x) for x in lengths})
+    if model.switch_len is None:
+        return [ordered] if ordered else []
+    groups = [[x for x in ordered if x <= model.switch_len], [x for x in ordered if x > model.switch_len]]
+    return [group for group in groups if group]
 
 
 def local_folder(path: str) -> Path:
@@ -101,14 +126,16 @@ def local_folder(path: str) -> Path:
 
 
 def engine_config(path: str, target_len: int, length: int, original_rope: bool,
-                  scaling: Callable[[Any], Any] | None = None) -> tuple[Any, list[str]]:
+                  scaling: Callable[[Any], Any] | None = None,
+                  rope_parameters: dict[str, Any] | None = None) -> tuple[Any, list[str]]:
     """The checkpoint's config as the hf backend would run it, and what changed: the attention window lifted,
-    with original_rope its own RoPE scaling dropped, scaling(config)'s rope_parameters (training-free: the
-    method's RopeScaling on that config), and a max_position_embeddings below `length` raised to it (vLLM
-    refuses a max_model_len beyond it)."""
+    with original_rope its own RoPE scaling dropped, rope_parameters written in (the `shipped` variant's
+    recommended scaling: lm.loading.prepared_config, as the hf path), scaling(config)'s rope_parameters
+    (training-free: the method's RopeScaling on that config), and a max_position_embeddings below `length`
+    raised to it (vLLM refuses a max_model_len beyond it)."""
     from longrope2.lm.loading import prepared_config
 
-    config, changes = prepared_config(path, target_len, original_rope)
+    config, changes = prepared_config(path, target_len, original_rope, rope_parameters)
     if scaling is not None:
         rope = scaling(config)
         rope.update_hf_config(config)
@@ -131,11 +158,17 @@ def vllm_longrope_mscale(max_position: int, original: int) -> float:
     return 1.0 if scale <= 1.0 else math.sqrt(1 + math.log(scale) / math.log(original))
 
 
+def longrope_original(config: Any) -> int:
+    """A `longrope` config's original_max_position_embeddings (its rope_parameters' copy first, as vLLM reads it)."""
+    params = config.rope_parameters
+    return int(params.get("original_max_position_embeddings") or config.original_max_position_embeddings)
+
+
 def pin_longrope_mscale(config: Any) -> str | None:
     """vLLM reads short_mscale / long_mscale, not attention_factor: a declared attention factor other than
     vLLM's derivation is written into both (in place). Returns what changed, or None."""
     params = config.rope_parameters
-    original = int(params.get("original_max_position_embeddings") or config.original_max_position_embeddings)
+    original = longrope_original(config)
     derived = vllm_longrope_mscale(int(config.max_position_embeddings), original)
     declared = float(params.get("attention_factor") or derived)
     if math.isclose(declared, derived, rel_tol=1e-6) or "long_mscale" in params:
@@ -145,28 +178,61 @@ def pin_longrope_mscale(config: Any) -> str | None:
 
 
 def prepare_checkpoint(path: str, target_len: int, length: int, scratch: Path, original_rope: bool,
-                       scaling: Callable[[Any], Any] | None = None) -> VllmModel:
+                       scaling: Callable[[Any], Any] | None = None,
+                       rope_parameters: dict[str, Any] | None = None) -> VllmModel:
     """The folder vLLM loads: `path` itself when its config needs no change (a fine-tuned variant, as
-    exported), else scratch/model: engine_config's config.json and symlinks to every other file of `path`."""
-    config, changes = engine_config(path, target_len, length, original_rope, scaling)
+    exported; the `shipped` variant of a checkpoint that ships its scaling), else scratch/model: engine_config's
+    config.json and symlinks to every other file of `path`."""
+    config, changes = engine_config(path, target_len, length, original_rope, scaling, rope_parameters)
     rope_type = (config.rope_parameters or {}).get("rope_type", "default")
+    switch_len = longrope_original(config) if rope_type == "longrope" else None
     if not changes:
-        return VllmModel(str(path), rope_type)
+        return VllmModel(str(path), rope_type, switch_len=switch_len)
     source, folder = local_folder(path), scratch / "model"
     folder.mkdir(parents=True)
     for entry in source.iterdir():
         if entry.name != "config.json":
             (folder / entry.name).symlink_to(entry.resolve())
     config.save_pretrained(folder)
-    return VllmModel(str(folder), rope_type, tuple(changes))
+    return VllmModel(str(folder), rope_type, tuple(changes), switch_len)
 
 
-def vllm_harness(model: VllmModel, cfg: DictConfig, suite: str, add_bos_token: bool) -> Any:
-    """lm-eval's VLLM on the prepared checkpoint (vllm >= VLLM_MIN checked first)."""
+def vllm_harness(model: VllmModel, cfg: DictConfig, suite: str, add_bos_token: bool,
+                 length: int | None = None) -> Any:
+    """lm-eval's VLLM on the prepared checkpoint, max_model_len `length` (vllm >= VLLM_MIN checked first)."""
     check_vllm()
     from lm_eval.models.vllm_causallms import VLLM
 
-    return VLLM(**vllm_model_args(cfg, model.path, suite, add_bos_token))
+    return VLLM(**vllm_model_args(cfg, model.path, suite, add_bos_token, length))
+
+
+def shutdown_engine(lm: Any) -> None:
+    """Free an lm-eval VLLM's engine before another starts (each takes its share of the GPUs' memory): its
+    engine core (V1: a process, which takes its tensor-parallel workers along) shut down, the LLM dropped."""
+    import gc
+
+    import torch
+
+    engine = getattr(lm, "model", None)
+    core = getattr(getattr(engine, "llm_engine", None), "engine_core", None)
+    if core is not None:
+        core.shutdown()
+    if engine is not None:
+        lm.model = None
+    del engine, core  # the last references here: the collection below frees the engine's CUDA tensors
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def vllm_engine(model: VllmModel, cfg: DictConfig, suite: str, add_bos_token: bool, length: int) -> Iterator[Any]:
+    """vllm_harness(...) for the with block, its engine shut down when the block ends (shutdown_engine)."""
+    lm = vllm_harness(model, cfg, suite, add_bos_token, length)
+    try:
+        yield lm
+    finally:
+        shutdown_engine(lm)
 
 
 def lm_generate(make_lm: Callable[[], Any]) -> Callable[[str, int], str]:

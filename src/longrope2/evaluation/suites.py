@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +35,24 @@ def harness(model: Any, tokenizer: Any, max_length: int, batch_size: int) -> Any
                 add_bos_token=tokenizer.bos_token_id is not None)
 
 
-def suite_harness(cfg: DictConfig, model: Any, tokenizer: Any, suite: str, max_length: int) -> Any:
-    """The lm-eval model a suite runs on: vLLM on a prepared checkpoint (eval.backend = vllm), else HFLM."""
+Engine = Callable[[], AbstractContextManager[Any]]
+
+
+def suite_engines(cfg: DictConfig, model: Any, tokenizer: Any, suite: str, lengths: Iterable[int],
+                  hf_length: int) -> list[tuple[Engine, list[int]]]:
+    """The lm-eval models a suite runs on, each with the sample lengths (prompt + generation) it takes, made
+    when its with block starts: HFLM (max_length hf_length) once for every length, transformers switching the
+    RoPE per forward; vLLM on a prepared checkpoint (eval.backend = vllm) once per factor regime
+    (backends.regimes; max_model_len the regime's longest sample), each engine shut down as its block ends."""
     if isinstance(model, backends.VllmModel):
-        return backends.vllm_harness(model, cfg, suite, add_bos_token=tokenizer.bos_token_id is not None)
-    return harness(model, tokenizer, max_length, int(cfg.eval.batch_size))
+        bos = tokenizer.bos_token_id is not None
+        return [(functools.partial(backends.vllm_engine, model, cfg, suite, bos, max(group)), group)
+                for group in backends.regimes(model, lengths)]
+
+    def hf() -> AbstractContextManager[Any]:
+        return contextlib.nullcontext(harness(model, tokenizer, hf_length, int(cfg.eval.batch_size)))
+
+    return [(hf, sorted({int(x) for x in lengths}))]
 
 
 def quiet_lm_eval() -> None:
@@ -47,13 +63,12 @@ def quiet_lm_eval() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def eval_ruler(cfg: DictConfig, model: Any, tokenizer: Any, data: Path, out: Path) -> dict[str, Any]:
-    import lm_eval
-    from lm_eval.tasks import TaskManager
-
+def ruler_cells(cfg: DictConfig, data: Path) -> tuple[list[tuple[int, dict]], dict, dict]:
+    """RULER's cells with data, each as (length, its lm-eval task config), in eval.ruler's task x length order;
+    per task and length, why a cell has no data and the mean prompt tokens of one that has."""
     manifest = read_json(data / "ruler.json", ("tasks",))
     r = cfg.eval.ruler
-    configs, unavailable, mean_tokens = [], {}, {}
+    cells, unavailable, mean_tokens = [], {}, {}
 
     def process_results(doc: dict, results: list[str]) -> dict[str, float]:
         return {"score": ruler.score_sample(doc["task"], results[0], doc["outputs"])}
@@ -67,27 +82,48 @@ def eval_ruler(cfg: DictConfig, model: Any, tokenizer: Any, data: Path, out: Pat
                 unavailable.setdefault(task, {})[int(length)] = entry["unavailable"]
                 continue
             mean_tokens.setdefault(task, {})[int(length)] = entry["mean_tokens"]
-            configs.append(ruler.task_config(task, int(length), data / "ruler" / entry["file"], process_results))
+            cells.append((int(length), ruler.task_config(task, int(length), data / "ruler" / entry["file"],
+                                                         process_results)))
+    return cells, unavailable, mean_tokens
+
+
+def ruler_samples(cfg: DictConfig, model: Any, tokenizer: Any, cells: list[tuple[int, dict]]) -> dict[str, list]:
+    """lm-eval's logged samples per cell (task config name): every cell on the engine its length's regime
+    needs (suite_engines; a cell's length holds its prompt and its answer's tokens), the engines in turn."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    r = cfg.eval.ruler
+    budget = max(int(v) for v in r.max_new_tokens.values())
+    hf_length = max(int(x) for x in r.lengths) + budget
+    samples: dict[str, list] = {}
+    for engine, group in suite_engines(cfg, model, tokenizer, "ruler", [n for n, _ in cells], hf_length):
+        configs = [config for length, config in cells if length in group]
+        with engine() as lm:
+            # The task configs are complete: no index of lm-eval's own tasks (~10 s per job).
+            result = lm_eval.simple_evaluate(model=lm, tasks=configs, log_samples=True, verbosity="WARNING",
+                                             task_manager=TaskManager(include_defaults=False),
+                                             random_seed=int(cfg.seed), numpy_random_seed=int(cfg.seed),
+                                             torch_random_seed=int(cfg.seed), fewshot_random_seed=int(cfg.seed))
+        samples |= {config["task"]: result["samples"][config["task"]] for config in configs}
+    return samples
+
+
+def eval_ruler(cfg: DictConfig, model: Any, tokenizer: Any, data: Path, out: Path) -> dict[str, Any]:
+    r = cfg.eval.ruler
+    cells, unavailable, mean_tokens = ruler_cells(cfg, data)
     scores: dict[str, dict[int, list[float]]] = {task: {} for task in r.tasks}
     predictions = []
-    if configs:
-        budget = max(int(v) for v in r.max_new_tokens.values())
-        lm = suite_harness(cfg, model, tokenizer, "ruler", max(int(x) for x in r.lengths) + budget)
-        # The task configs are complete: no index of lm-eval's own tasks (~10 s per job).
-        result = lm_eval.simple_evaluate(model=lm, tasks=configs, log_samples=True, verbosity="WARNING",
-                                         task_manager=TaskManager(include_defaults=False),
-                                         random_seed=int(cfg.seed), numpy_random_seed=int(cfg.seed),
-                                         torch_random_seed=int(cfg.seed), fewshot_random_seed=int(cfg.seed))
-        for config in configs:
-            name = config["task"]
-            for sample in result["samples"][name]:
-                doc = sample["doc"]
-                pred = sample["filtered_resps"][0]
-                pred = pred[0] if isinstance(pred, list) else pred
-                score = ruler.score_sample(doc["task"], pred, doc["outputs"])
-                scores[doc["task"]].setdefault(int(doc["max_length"]), []).append(score)
-                predictions.append({"task": doc["task"], "length": doc["max_length"], "index": doc["index"],
-                                    "prediction": pred, "references": doc["outputs"], "score": score})
+    samples = ruler_samples(cfg, model, tokenizer, cells) if cells else {}
+    for _, config in cells:
+        for sample in samples[config["task"]]:
+            doc = sample["doc"]
+            pred = sample["filtered_resps"][0]
+            pred = pred[0] if isinstance(pred, list) else pred
+            score = ruler.score_sample(doc["task"], pred, doc["outputs"])
+            scores[doc["task"]].setdefault(int(doc["max_length"]), []).append(score)
+            predictions.append({"task": doc["task"], "length": doc["max_length"], "index": doc["index"],
+                                "prediction": pred, "references": doc["outputs"], "score": score})
     summary = ruler.summarize(scores, float(r.threshold))
     summary["unavailable"] = {t: {str(k): v for k, v in per.items()} for t, per in unavailable.items()}
     summary["mean_tokens"] = {t: {str(k): v for k, v in per.items()} for t, per in mean_tokens.items()}
@@ -150,7 +186,10 @@ def greedy_generate(model: Any, tokenizer: Any) -> Callable[[str, int], str]:
 def eval_longbench(cfg: DictConfig, model: Any, tokenizer: Any, data: Path, out: Path) -> dict[str, Any]:
     b = cfg.eval.longbench
     if isinstance(model, backends.VllmModel):  # the engine starts at the first prompt: none when skipped
-        generate = backends.lm_generate(lambda: suite_harness(cfg, model, tokenizer, "longbench", int(b.max_length)))
+        # one engine, max_model_len = max_length: its samples share the regime of that length (the long one
+        # whenever max_length > the checkpoint's original_max_position_embeddings)
+        bos = tokenizer.bos_token_id is not None
+        generate = backends.lm_generate(lambda: backends.vllm_harness(model, cfg, "longbench", bos, int(b.max_length)))
     else:
         generate = greedy_generate(model, tokenizer)
     return longbench.evaluate_suite(b.path, list(b.tasks), tokenizer, generate, int(b.max_length), b.limit)
@@ -189,14 +228,17 @@ def eval_short(cfg: DictConfig, model: Any, tokenizer: Any, data: Path, out: Pat
             if task.startswith("toy_short"):
                 spec = toy_task_yaml(task, (data / "short" / f"{task}.jsonl").resolve())
                 (Path(include) / f"{task}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-        lm = suite_harness(cfg, model, tokenizer, "short", int(s.window))
+        # one engine: every prompt is truncated to the window, the regime of that length (vLLM: the short
+        # factors iff window <= the checkpoint's original_max_position_embeddings)
+        ((engine, _),) = suite_engines(cfg, model, tokenizer, "short", [int(s.window)], int(s.window))
         # lm-eval's own tasks (mmlu, ...) need its task index (~10 s to build); the toy's local ones do not.
         own = any(not task.startswith("toy_short") for task in tasks)
         manager = TaskManager(include_path=include, include_defaults=own)
-        result = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=s.limit, log_samples=True,
-                                         task_manager=manager, verbosity="WARNING",
-                                         random_seed=int(cfg.seed), numpy_random_seed=int(cfg.seed),
-                                         torch_random_seed=int(cfg.seed), fewshot_random_seed=int(cfg.seed))
+        with engine() as lm:
+            result = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=s.limit, log_samples=True,
+                                             task_manager=manager, verbosity="WARNING",
+                                             random_seed=int(cfg.seed), numpy_random_seed=int(cfg.seed),
+                                             torch_random_seed=int(cfg.seed), fewshot_random_seed=int(cfg.seed))
     metrics = {}
     for task, key in tasks.items():
         values = result["results"].get(task, {})

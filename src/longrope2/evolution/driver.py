@@ -26,7 +26,8 @@ from longrope2.evolution import space as space_
 from longrope2.evolution.space import Individual, SearchSpace
 from longrope2.lm import losses
 from longrope2.rope import factors as rope
-from longrope2.rope.scaling import RopeFacts, RopeScaling
+from longrope2.rope.hf_config import RopeFacts
+from longrope2.rope.scaling import RopeScaling
 
 
 def search_space(cfg: DictConfig, facts: RopeFacts, dims: dict[str, Any], c_range: tuple[int, int]) -> SearchSpace:

@@ -15,13 +15,14 @@ from torch import Tensor, nn
 
 from longrope2.data.needles import NeedleSample
 from longrope2.lm.losses import needle_scores, plain_ppl
-from longrope2.rope.scaling import RopeFacts, RopeScaling, rotary_modules
+from longrope2.rope.hf_config import RopeFacts
+from longrope2.rope.scaling import RopeScaling, rotary_slots
 
 
 def prepare_for_search(model: nn.Module, facts: RopeFacts) -> nn.Module:
     """Original RoPE with static rotary modules, ready for in-place candidate swaps."""
     RopeScaling.none(facts).apply_to_model(model)
-    for _, rotary in rotary_modules(model):
+    for rotary in rotary_slots(model):
         if rotary.rope_type != "default":
             raise RuntimeError(f"rotary module kept rope_type {rotary.rope_type!r} after preparation")
     return model
@@ -34,14 +35,14 @@ def set_long_rope(model: nn.Module, scaling: RopeScaling) -> None:
     picks the long factors, so the long path is the whole candidate.
     """
     inv_freq = scaling.long_inv_freq()  # (D,) float32
-    for _, rotary in rotary_modules(model):
+    for rotary in rotary_slots(model):
         if rotary.rope_type != "default":
             raise RuntimeError("call prepare_for_search(model, facts) first: the rotary module has "
                                f"rope_type {rotary.rope_type!r}, which would override the swapped frequencies")
         if rotary.inv_freq.shape != inv_freq.shape:
             raise ValueError(f"candidate has {inv_freq.numel()} frequencies, the model {rotary.inv_freq.numel()}")
         rotary.inv_freq.copy_(inv_freq.to(rotary.inv_freq.device, rotary.inv_freq.dtype))
-        rotary.attention_scaling = float(scaling.attention_factor)
+        rotary.set_attention_scaling(scaling.attention_factor)
 
 
 def evaluate(

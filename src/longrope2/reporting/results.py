@@ -13,11 +13,13 @@ from omegaconf import DictConfig
 
 from longrope2.core.artifacts import (
     BASE,
+    SHIPPED,
     DamagedInputError,
     eval_dir,
     eval_variants,
     read_json,
 )
+from longrope2.core.checkpoint import maker_rope
 from longrope2.core.checks import finetune_tokens
 from longrope2.core.config import run_dir, to_dict
 from longrope2.core.errors import ConfigError
@@ -56,9 +58,17 @@ def _evaluated(cfg: DictConfig) -> list[tuple[str, str, bool]]:
     return out + [(suite, str(m), True) for suite in cfg.eval.training_free_suites for m in cfg.methods]
 
 
+def variant_label(cfg: DictConfig, variant: str) -> str:
+    """The name a variant's row has in the tables: its own, the shipped variant's
+    "shipped (<rope_type> as its maker sets it)"."""
+    maker = maker_rope(cfg) if variant == SHIPPED else None
+    return variant if maker is None else f"{SHIPPED} ({maker.rope_type} as its maker sets it)"
+
+
 def load_results(cfg: DictConfig) -> dict[str, dict[str, dict[str, Any]]]:
     """suite -> variant -> result (a fine-tuned variant's: its mean over the seeds; a method's training-free
-    result under "<method> (training-free)"); every (variant, suite, seed) of the experiment must exist."""
+    result under "<method> (training-free)"; the shipped variant's under variant_label); every (variant, suite,
+    seed) of the experiment must exist."""
     results: dict[str, dict[str, dict[str, Any]]] = {}
     missing = []
     for suite, variant, free in _evaluated(cfg):
@@ -68,7 +78,7 @@ def load_results(cfg: DictConfig) -> dict[str, dict[str, dict[str, Any]]]:
         if absent:
             missing += absent
             continue
-        name = claims.training_free(variant) if free else variant
+        name = claims.training_free(variant) if free else variant_label(cfg, variant)
         results.setdefault(suite, {})[name] = tables.mean_over_seeds([read_json(p) for p in paths])
     if missing:
         raise ConfigError(f"report: evaluation results missing (run stage evaluate first): {', '.join(missing)}")

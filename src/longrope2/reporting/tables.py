@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import re
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -178,7 +179,8 @@ def ruler_per_task(variant: str, result: Mapping[str, Any],
     rows.append(avg)
     notes = [f"{task} at {', '.join(map(_length_label, map(int, per)))}: no sample fits (see ruler.json)"
              for task, per in result.get("unavailable", {}).items()]
-    return Table(f"tables8_9_ruler_{variant}", f"RULER per task, {variant} (Tables 8-9)", header, rows, notes)
+    stem = re.sub(r"[^\w.-]+", "_", variant).strip("_")  # a file name: "yarn (training-free)" -> yarn_training-free
+    return Table(f"tables8_9_ruler_{stem}", f"RULER per task, {variant} (Tables 8-9)", header, rows, notes)
 
 
 def short_tasks(results: Mapping[str, Mapping[str, Any]],

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from longrope2.rope import factors as rope
-from longrope2.rope.scaling import RopeFacts, RopeScaling
+from longrope2.rope.hf_config import RopeFacts
+from longrope2.rope.scaling import RopeScaling
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ transformers 5 facts this module relies on (checked on 5.x):
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, MutableMapping
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from longrope2.rope import factors as rope
+from longrope2.rope.hf_config import GLOBAL_LAYER, RopeFacts, layer_typed
 
 Method = Literal["none", "pi", "ntk", "ntk_aware", "yarn", "longrope", "longrope2"]
 
@@ -36,73 +37,6 @@ METHODS: tuple[str, ...] = ("none", "pi", "ntk", "ntk_aware", "yarn", "longrope"
 
 
 LONGROPE_FAMILY: tuple[str, ...] = ("longrope", "longrope2")
-
-
-DEFAULT_ROPE_THETA = 10_000.0  # transformers' default when a config names no rope_theta
-
-
-class RopeConfigError(ValueError):
-    """A model config lacks, or has a bad, RoPE key; the message names the key."""
-
-
-@dataclass(frozen=True)
-class RopeFacts:
-    """The RoPE facts of a pretrained model."""
-
-    rope_theta: float
-    head_dim: int
-    train_len: int  # L_train: original_max_position_embeddings, else max_position_embeddings
-    partial_rotary_factor: float = 1.0
-    max_position_embeddings: int | None = None  # the config's current window
-    rope_type: str = "default"  # scaling already in the config
-
-    @property
-    def rotary_dim(self) -> int:
-        return rope.rotary_dim(self.head_dim, self.partial_rotary_factor)
-
-
-def rope_facts_from_hf_config(cfg: Any) -> RopeFacts:
-    """Read RopeFacts from a transformers PretrainedConfig or a config.json dict.
-
-    Handles v5 `rope_parameters` and legacy top-level rope_theta / partial_rotary_factor /
-    `rope_scaling`, and a missing head_dim (hidden_size // num_attention_heads).
-    """
-    def get(key: str) -> Any:
-        return cfg.get(key) if isinstance(cfg, Mapping) else getattr(cfg, key, None)
-
-    if get("num_attention_heads") is None and get("text_config") is not None:
-        return rope_facts_from_hf_config(get("text_config"))  # multimodal wrapper
-
-    # a legacy rope_scaling wins, as when transformers loads a config.json
-    params = get("rope_scaling") or get("rope_parameters") or {}
-    if not isinstance(params, Mapping):
-        raise RopeConfigError(f"rope_parameters must be a mapping, got {params!r}")
-    theta = params.get("rope_theta") or get("rope_theta") or DEFAULT_ROPE_THETA
-    prf = params.get("partial_rotary_factor") or get("partial_rotary_factor") or 1.0
-
-    head_dim = get("head_dim")
-    if head_dim is None:
-        hidden, heads = get("hidden_size"), get("num_attention_heads")
-        if hidden is None or heads is None:
-            raise RopeConfigError("config needs head_dim, or hidden_size and num_attention_heads")
-        head_dim = int(hidden) // int(heads)
-
-    max_pos = get("max_position_embeddings")
-    # Phi3 keeps the original window at top level, and transformers gives that copy priority
-    train_len = get("original_max_position_embeddings") or params.get("original_max_position_embeddings") or max_pos
-    if train_len is None:
-        raise RopeConfigError("config needs original_max_position_embeddings or max_position_embeddings")
-
-    facts = RopeFacts(rope_theta=float(theta), head_dim=int(head_dim), train_len=int(train_len),
-                      partial_rotary_factor=float(prf),
-                      max_position_embeddings=None if max_pos is None else int(max_pos),
-                      rope_type=str(params.get("rope_type") or params.get("type") or "default"))
-    for key, value in (("rope_theta", facts.rope_theta), ("head_dim", facts.head_dim),
-                       ("original window (original_max_position_embeddings / max_position_embeddings)",
-                        facts.train_len), ("partial_rotary_factor", facts.partial_rotary_factor)):
-        if not value > 0:
-            raise RopeConfigError(f"{key} must be positive, got {value}")
-    return facts
 
 
 def _floats(x: Tensor | list[float] | tuple[float, ...]) -> tuple[float, ...]:
@@ -312,9 +246,14 @@ class RopeScaling:
         return p
 
     def update_hf_config(self, config: Any) -> Any:
-        """Write this scaling into a PretrainedConfig or a config.json dict, in place; returns it."""
+        """Write this scaling into a PretrainedConfig or a config.json dict, in place; returns it. A layer-typed
+        config (Gemma-3) gets it for its global layers only; the local layers keep their RoPE."""
         params = self.to_rope_parameters()
-        if isinstance(config, MutableMapping):
+        mapping = isinstance(config, MutableMapping)
+        current = config.get("rope_parameters") if mapping else getattr(config, "rope_parameters", None)
+        if layer_typed(current):
+            params = {**current, GLOBAL_LAYER: params}
+        if mapping:
             config.pop("rope_scaling", None)  # a legacy rope_scaling would win over rope_parameters
             config.pop("rope_theta", None)
             config["rope_parameters"] = params
@@ -340,14 +279,14 @@ class RopeScaling:
         for name, old in found:
             if old.config is not model.config:
                 self.update_hf_config(old.config)
-            device = old.inv_freq.device
+            device = next(old.buffers()).device
             new = type(old)(config=old.config).to(device)
             parent = model.get_submodule(name.rpartition(".")[0])
             setattr(parent, name.rpartition(".")[2], new)
-            self._check(new)
+            self._check(RotarySlot.of(name, new))
         return model
 
-    def _check(self, rotary: nn.Module) -> None:
+    def _check(self, rotary: RotarySlot) -> None:
         ours = self.short_inv_freq()
         theirs = rotary.inv_freq.detach().float().cpu()
         if theirs.shape != ours.shape or not torch.allclose(theirs, ours, rtol=1e-6, atol=0):
@@ -357,14 +296,53 @@ class RopeScaling:
             raise RuntimeError(f"model's attention factor {rotary.attention_scaling} != {self.attention_factor}")
 
 
+@dataclass(frozen=True)
+class RotarySlot:
+    """The frequencies a scaling replaces in one rotary module: its own, or in a layer-typed module (Gemma-3)
+    those of its global layers (attributes prefixed ``full_attention_``)."""
+
+    name: str
+    module: nn.Module
+    layer_type: str | None = None
+
+    @classmethod
+    def of(cls, name: str, module: nn.Module) -> RotarySlot:
+        return cls(name, module, GLOBAL_LAYER if hasattr(module, f"{GLOBAL_LAYER}_inv_freq") else None)
+
+    @property
+    def prefix(self) -> str:
+        return f"{self.layer_type}_" if self.layer_type else ""
+
+    @property
+    def inv_freq(self) -> Tensor:
+        return getattr(self.module, f"{self.prefix}inv_freq")
+
+    @property
+    def rope_type(self) -> str:
+        kinds = self.module.rope_type
+        return kinds[self.layer_type] if self.layer_type else kinds
+
+    @property
+    def attention_scaling(self) -> float:
+        return float(getattr(self.module, f"{self.prefix}attention_scaling"))
+
+    def set_attention_scaling(self, value: float) -> None:
+        setattr(self.module, f"{self.prefix}attention_scaling", float(value))
+
+
 def rotary_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) of every transformers rotary embedding in a model (ValueError if none)."""
     found = [(name, m) for name, m in model.named_modules()
-             if hasattr(m, "original_inv_freq") and hasattr(m, "attention_scaling")]
+             if (hasattr(m, "original_inv_freq") and hasattr(m, "attention_scaling"))
+             or hasattr(m, f"{GLOBAL_LAYER}_original_inv_freq")]
     if not found:
         raise ValueError(f"no rotary embedding module found in {type(model).__name__}")
     return found
 
 
-__all__ = ["METHODS", "Method", "RopeConfigError", "RopeFacts", "RopeScaling", "rope_facts_from_hf_config",
-           "rotary_modules"]
+def rotary_slots(model: nn.Module) -> list[RotarySlot]:
+    """The frequencies a scaling replaces in a model, one slot per rotary module."""
+    return [RotarySlot.of(name, m) for name, m in rotary_modules(model)]
+
+
+__all__ = ["METHODS", "Method", "RopeScaling", "RotarySlot", "rotary_modules", "rotary_slots"]

@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from longrope2.rope.scaling import rotary_modules
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -75,14 +77,55 @@ def _causal_only(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, 
     return args, kwargs
 
 
+def _longrope_layer_types(rotary: nn.Module) -> list[str | None]:
+    """The frequency sets of a rotary module that switch like longrope: None for its own, else the layer
+    types (a layer-typed module, Gemma-3, keeps ``<layer_type>_inv_freq`` per type)."""
+    kinds = getattr(rotary, "rope_type", None)
+    if isinstance(kinds, dict):
+        return [layer_type for layer_type, kind in kinds.items() if kind == "longrope"]
+    return [None] if kinds == "longrope" else []
+
+
+@contextlib.contextmanager
+def whole_row_regime(model: nn.Module, position_ids: Tensor) -> Iterator[None]:
+    """Every longrope rotary module of ``model`` keeps the factors of the whole row ``position_ids``.
+
+    transformers' longrope switch takes the long factors iff max(position_ids) + 1 > L_train, on
+    the positions its rotary module gets: under context parallelism a shard's, so a shard of a
+    row just above L_train whose positions all lie below it would take the short factors while
+    the others take the long ones. The switch cannot be fed other positions (the same
+    position_ids give the angles), so, for the duration: run the module once on the row's last
+    position (its own switch picks the whole row's frequencies), then make those its short set
+    ``original_inv_freq``, which the switch returns whenever a shard looks short. A shard never
+    looks longer than its row, so every shard gets the row's frequencies. Restored on exit.
+    """
+    last = position_ids.max().view(1, 1)  # the unsharded row's: decided before the sharding
+    pinned = []
+    for _, rotary in rotary_modules(model):
+        for layer_type in _longrope_layer_types(rotary):
+            prefix, kwargs = (f"{layer_type}_", {"layer_type": layer_type}) if layer_type else ("", {})
+            freq = getattr(rotary, f"{prefix}inv_freq")
+            with torch.no_grad():
+                rotary(freq.new_zeros(1), last.to(freq.device), **kwargs)  # sets inv_freq to the row's set
+            name = f"{prefix}original_inv_freq"
+            pinned.append((rotary, name, getattr(rotary, name)))
+            setattr(rotary, name, getattr(rotary, f"{prefix}inv_freq").clone())
+    try:
+        yield
+    finally:
+        for rotary, name, short in pinned:
+            setattr(rotary, name, short)
+
+
 @contextlib.contextmanager
 def sequence_sharded(cp_mesh: Any, model: nn.Module, inputs: dict[str, Tensor | None]) -> Iterator[None]:
     """PyTorch's context parallelism around one long row's forward and backward.
 
-    The row's tensors are sharded in place over the cp group (head-tail load balancing, so every
-    shard holds positions beyond L/2 > L_train and keeps the long factors); SDPA becomes ring
-    attention. transformers would read a packed sequence from the shard's position jumps, so the
-    attention modules get no mask (as accelerate's CP hooks do), here only for long rows.
+    The row's tensors are sharded in place over the cp group (head-tail load balancing); every
+    rotary module keeps the factors of the whole row (whole_row_regime, decided before the
+    sharding), and SDPA becomes ring attention. transformers would read a packed sequence from
+    the shard's position jumps, so the attention modules get no mask (as accelerate's CP hooks
+    do), here only for long rows.
     """
     from torch.distributed.tensor.experimental import context_parallel
 
@@ -90,8 +133,9 @@ def sequence_sharded(cp_mesh: Any, model: nn.Module, inputs: dict[str, Tensor | 
     hooks = [m.register_forward_pre_hook(_causal_only, with_kwargs=True, prepend=True)
              for name, m in model.named_modules() if name.endswith("self_attn")]
     try:
-        with context_parallel(cp_mesh, buffers=buffers, buffer_seq_dims=[1] * len(buffers),
-                              no_restore_buffers=set(buffers)):
+        with whole_row_regime(model, inputs["position_ids"]), \
+                context_parallel(cp_mesh, buffers=buffers, buffer_seq_dims=[1] * len(buffers),
+                                 no_restore_buffers=set(buffers)):
             yield
     finally:
         for hook in hooks:
