@@ -101,6 +101,8 @@ def _overrides(root: Path, model: Path, books: Path, corpora: Path, longbench: P
         f"eval.short.window={TRAIN_LEN}", "eval.short.samples=4",
         "eval.short.tasks=[{name:toy_short_needle,metric:'acc,none'},{name:toy_short_ppl,metric:'word_perplexity,none'}]",
         "resources.search.gpu=0", "resources.evaluate.gpu=0",
+        # one node (the LLaMA3-8B preset fine-tunes on 8): the global batch of 2 splits over this node's processes
+        "resources.train.nodes=1", "resources.search.nodes=1",
         # one core a job (two jobs side by side on 2 cores); the fine-tuning's 2 processes take both
         *(f"resources.{rule}.cpus=1" for rule in ("needle_data", "search", "train_data", "eval_data", "evaluate")),
         "resources.train.cpus=2",
@@ -278,7 +280,11 @@ def extend_run(request, tmp_path_factory):
     tok, _, _ = _tokenizer("phi3_mini_128k", root)
     model = write_shrunk_architecture(name, root / "model", TRAIN_LEN, tok)
     overrides = _overrides(root, model, *_write_data(root), train_len=TRAIN_LEN if name in WINDOW_OVERRIDDEN else None)
-    _run_dag(root, "extend", overrides)
+    # the first population holds one seed per c in [d10_tcd, d_tcd]: 17 for Mistral v0.1, 22 for Gemma-3's 128 pairs
+    dims = rope.critical_dim_report(rotary_dim(name), float(PUBLISHED_ARCHITECTURES[name]["rope_theta"]), TRAIN_LEN,
+                                    TARGET_LEN)
+    first = max(16, dims["d_tcd"] - dims["d10_tcd"] + 1)
+    _run_dag(root, "extend", [*overrides, f"search.initial_population={first}"])
     return name, model, root / "results" / "conformance"
 
 
