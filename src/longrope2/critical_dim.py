@@ -11,12 +11,13 @@ Out: <out_dir>/critical_dim/critical_dim.json (d_tcd, d10_tcd, the search range 
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
+from longrope2.core.checkpoint import check_declared_facts
 from longrope2.core.config import hydra_stage
 from longrope2.core.errors import ConfigError
 from longrope2.core.outputs import write_json
@@ -38,17 +39,7 @@ def load_model_facts(cfg: DictConfig) -> RopeFacts:
             "a local model folder with config.json or a reachable hub id"
         ) from None
     facts = rope_facts_from_hf_config(hf_config)
-    declared = {
-        "model.rope_theta": (float(cfg.model.rope_theta), facts.rope_theta),
-        "model.head_dim": (int(cfg.model.head_dim), facts.head_dim),
-        "model.partial_rotary_factor": (float(cfg.model.partial_rotary_factor), facts.partial_rotary_factor),
-    }
-    for key, (expected, found) in declared.items():
-        if not math.isclose(expected, found, rel_tol=1e-9):
-            raise ConfigError(
-                f"{key} = {expected} but the model at {cfg.model.path!r} has {found}; "
-                "accepted: the model's own value (fix the experiment config or model.path)"
-            )
+    check_declared_facts(cfg.model, dataclasses.asdict(facts), str(cfg.model.path))  # as at composition
     return facts
 
 

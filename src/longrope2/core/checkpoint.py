@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,16 @@ def checkpoint_facts(path: str, hf: dict[str, Any]) -> dict[str, Any]:
             "shipped_rope": None if facts.rope_type == "default" else facts.rope_type}
 
 
+def check_declared_facts(model: DictConfig, facts: Mapping[str, Any], path: str) -> None:
+    """A ConfigError naming the first model.<fact> (CHECKED_FACTS) that differs from the checkpoint's."""
+    for key in CHECKED_FACTS:
+        declared, found = model.get(key), facts[key]
+        if not math.isclose(float(declared), float(found), rel_tol=1e-9):
+            raise ConfigError(f"model.{key} = {type(found)(declared)} but the model at {path!r} has {found}; accepted: "
+                              "the model's own value, or null to read it from the checkpoint (fix the experiment "
+                              "config or model.path)")
+
+
 def fill_model_facts(cfg: DictConfig) -> None:
     """Fill model.<fact> = null from the checkpoint and check the declared ones (in place). A declared
     model.train_len other than the checkpoint's window is kept, with a warning naming both."""
@@ -103,13 +114,9 @@ def fill_model_facts(cfg: DictConfig) -> None:
         return
     facts = checkpoint_facts(path, hf)
     for key in CHECKED_FACTS:
-        declared, found = model.get(key), facts[key]
-        if declared is None:
-            model[key] = found
-        elif not math.isclose(float(declared), float(found), rel_tol=1e-9):
-            raise ConfigError(f"model.{key} = {type(found)(declared)} but the model at {path!r} has {found}; accepted: the "
-                              "model's own value, or null to read it from the checkpoint (fix the experiment "
-                              "config or model.path)")
+        if model.get(key) is None:
+            model[key] = facts[key]
+    check_declared_facts(model, facts, path)
     if model.get("train_len") is None:
         model.train_len = facts["train_len"]
     elif int(model.train_len) != facts["train_len"]:

@@ -11,7 +11,13 @@ from omegaconf import DictConfig
 
 from longrope2.core.artifacts import DamagedInputError, check_model_folder
 from longrope2.core.errors import ConfigError
-from longrope2.rope.hf_config import GLOBAL_LAYER, RopeFacts, layer_typed, rope_facts_from_hf_config
+from longrope2.rope.hf_config import (
+    RopeFacts,
+    global_rope,
+    local_and_global,
+    rope_facts_from_hf_config,
+    with_global_rope,
+)
 
 
 def lift_attention_window(config: Any, target_len: int) -> str | None:
@@ -28,7 +34,7 @@ def lift_attention_window(config: Any, target_len: int) -> str | None:
     window = getattr(config, "sliding_window", None)
     if window is None or int(window) >= int(target_len):
         return None
-    if {"sliding_attention", GLOBAL_LAYER} <= set(getattr(config, "layer_types", None) or ()):
+    if local_and_global(getattr(config, "layer_types", None)):
         return None
     config.sliding_window = None
     return f"sliding_window {window} -> null (full attention; target_len = {target_len})"
@@ -43,14 +49,14 @@ def reset_to_original_rope(config: Any) -> str | None:
     extended. Returns what changed, or None.
     """
     current = dict(getattr(config, "rope_parameters", None) or {})
-    params = dict(current[GLOBAL_LAYER]) if layer_typed(current) else current
+    params = global_rope(current)
     rope_type = params.get("rope_type", "default")
     if rope_type == "default":
         return None
     original = {"rope_type": "default", "rope_theta": params["rope_theta"]}
     if "partial_rotary_factor" in params:
         original["partial_rotary_factor"] = params["partial_rotary_factor"]
-    config.rope_parameters = {**current, GLOBAL_LAYER: original} if layer_typed(current) else original
+    config.rope_parameters = with_global_rope(current, original)
     return f"rope_type {rope_type} -> default (the checkpoint's own scaling dropped: the original RoPE)"
 
 
@@ -60,10 +66,10 @@ def set_rope_parameters(config: Any, rope_parameters: dict[str, Any]) -> str:
     max_position_embeddings raised to the scaling's reach (original_max_position_embeddings x factor) when below
     it, as the maker's setting implies (Qwen3's 40 960 with YaRN x4 from 32 768: 131 072). Returns what changed."""
     current = dict(getattr(config, "rope_parameters", None) or {})
-    params = dict(current[GLOBAL_LAYER]) if layer_typed(current) else current
+    params = global_rope(current)
     kept = {key: params[key] for key in ("rope_theta", "partial_rotary_factor") if key in params}
     new = {**kept, **rope_parameters}
-    config.rope_parameters = {**current, GLOBAL_LAYER: new} if layer_typed(current) else new
+    config.rope_parameters = with_global_rope(current, new)
     shown = ", ".join(f"{k} {v}" for k, v in rope_parameters.items() if k != "rope_type")
     change = f"rope_type {params.get('rope_type', 'default')} -> {rope_parameters['rope_type']} ({shown})"
     original, factor = rope_parameters.get("original_max_position_embeddings"), rope_parameters.get("factor")

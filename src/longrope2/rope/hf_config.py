@@ -77,6 +77,22 @@ def layer_typed(params: Any) -> bool:
     return isinstance(params, Mapping) and isinstance(params.get(GLOBAL_LAYER), Mapping)
 
 
+def local_and_global(layer_types: Any) -> bool:
+    """True when local (sliding_attention) layers sit beside global (full_attention) ones (Gemma-2, Gemma-3)."""
+    return {"sliding_attention", GLOBAL_LAYER} <= set(layer_types or ())
+
+
+def global_rope(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The global layers' entry of layer-typed rope parameters, else (a copy of) the parameters themselves."""
+    return dict(params[GLOBAL_LAYER]) if layer_typed(params) else dict(params)
+
+
+def with_global_rope(current: Mapping[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``new`` as the config's rope parameters: in place of the global layers' entry when ``current`` is layer-typed
+    (the local layers keep theirs), else whole."""
+    return {**current, GLOBAL_LAYER: new} if layer_typed(current) else new
+
+
 def rope_parameters(cfg: Any) -> dict[str, Any]:
     """The parameters of the RoPE LongRoPE2 extends (the global layers' in a layer-typed config), legacy keys
     folded in: rope_type ('type' in old files), rope_theta, partial_rotary_factor."""
@@ -84,7 +100,7 @@ def rope_parameters(cfg: Any) -> dict[str, Any]:
     params = _get(cfg, "rope_scaling") or _get(cfg, "rope_parameters") or {}
     if not isinstance(params, Mapping):
         raise RopeConfigError(f"rope_parameters must be a mapping, got {params!r}")
-    out = dict(params[GLOBAL_LAYER]) if layer_typed(params) else dict(params)
+    out = global_rope(params)
     legacy = out.pop("type", None)
     out["rope_type"] = str(out.get("rope_type") or legacy or "default")
     out["rope_theta"] = float(out.get("rope_theta") or _get(cfg, "rope_theta") or DEFAULT_ROPE_THETA)
@@ -174,9 +190,8 @@ def scaling_error(cfg: Any) -> str | None:
     if params["rope_type"] not in ("default", *SHIPPED_SCALINGS):
         return (f"rope_scaling.rope_type = {params['rope_type']!r}: this shipped scaling cannot be undone to the "
                 f"original RoPE; accepted: none, or one of {', '.join(SHIPPED_SCALINGS)}")
-    kinds = set(_get(cfg, "layer_types") or ())
     raw = _get(cfg, "rope_parameters")
-    if {"sliding_attention", GLOBAL_LAYER} <= kinds and not layer_typed(raw):
+    if local_and_global(_get(cfg, "layer_types")) and not layer_typed(raw):
         return (f"{_get(cfg, 'model_type')}: local (sliding_attention) and global (full_attention) layers share "
                 "one RoPE in transformers' implementation (rope_parameters is not keyed by layer type), so its "
                 "global layers cannot be extended alone; accepted: a model whose rope_parameters has a "
@@ -221,7 +236,7 @@ def rope_facts_from_hf_config(cfg: Any) -> RopeFacts:
     return facts
 
 
-__all__ = ["GLOBAL_LAYER", "MAKER_RECOMMENDED", "SHIPPED_SCALINGS", "MakerScaling", "RopeConfigError", "RopeFacts",
+__all__ = ["GLOBAL_LAYER", "global_rope", "local_and_global", "with_global_rope", "MAKER_RECOMMENDED", "SHIPPED_SCALINGS", "MakerScaling", "RopeConfigError", "RopeFacts",
            "layer_typed", "maker_scaling", "no_rope_reason", "pretrained_window", "recommended_scaling",
            "rope_facts_from_hf_config", "rope_parameters", "rotary_head_dim", "scaling_error", "shipped_scaling",
            "text_config"]

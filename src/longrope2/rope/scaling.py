@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from longrope2.rope import factors as rope
-from longrope2.rope.hf_config import GLOBAL_LAYER, RopeFacts, layer_typed
+from longrope2.rope.hf_config import GLOBAL_LAYER, RopeFacts, with_global_rope
 
 Method = Literal["none", "pi", "ntk", "ntk_aware", "yarn", "longrope", "longrope2"]
 
@@ -251,8 +251,7 @@ class RopeScaling:
         params = self.to_rope_parameters()
         mapping = isinstance(config, MutableMapping)
         current = config.get("rope_parameters") if mapping else getattr(config, "rope_parameters", None)
-        if layer_typed(current):
-            params = {**current, GLOBAL_LAYER: params}
+        params = with_global_rope(current or {}, params)
         if mapping:
             config.pop("rope_scaling", None)  # a legacy rope_scaling would win over rope_parameters
             config.pop("rope_theta", None)
